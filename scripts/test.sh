@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run): pinned venv, then the whole pytest suite on CPU.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+py=$(bash "$root/scripts/env.sh")
+cd "$root"
+export EMO_HALLO_FIXTURE=${EMO_HALLO_FIXTURE:-$root/../shared/fixtures/hallo_tiny}
+exec "$py" -m pytest -q "$@" tests
