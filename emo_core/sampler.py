@@ -1,0 +1,322 @@
+"""Clip-by-clip audio-driven sampling (no ComfyUI import).
+
+For each clip of F frames:
+
+1. ReferenceNet runs once on [reference image, the M motion frames] (the previous clip's last frames; for the
+   first clip zeros (EMO) or the reference repeated (Hallo)) and its features are reused by every step.
+2. The clip's audio windows become audio tokens; the face mask becomes face-locator features; the head speed
+   becomes speed tokens.
+3. A diffusers scheduler (DDIM by default) denoises the clip; the conditional and unconditional CFG rows run as
+   one batched Backbone forward.
+4. The clip is yielded as soon as it is done; only its last M frames are kept for the next clip, so memory does
+   not grow with the length of the video.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+from .models.conditioning import frame_windows
+from .models.unet import UNetConditions
+
+SCHEDULERS = {
+    "ddim": (DDIMScheduler, {}),
+    "dpmpp": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+
+
+class EMOInputError(ValueError):
+    """Bad input to the sampler: the message says what was wrong and what to do."""
+
+
+class GenerationCancelled(RuntimeError):
+    pass
+
+
+class LatentCodec(Protocol):
+    """The VAE as the sampler sees it (only needed when motion frames go through pixels, as in Hallo)."""
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) scaled
+        ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:  # (N, 4, h, w) scaled -> (N, 3, 8h, 8w) in [0, 1]
+        ...
+
+
+@dataclass
+class GenerationInputs:
+    reference_latent: torch.Tensor  # (1, 4, h, w) scaled VAE latent of the portrait
+    audio_features: torch.Tensor  # (S, layers, channels): wav2vec2 features, one vector per video frame and layer
+    face_mask: torch.Tensor | None = None  # (C, 8h, 8w) or (S, C, 8h, 8w) in [0, 1]; C = face locator input channels
+    identity_embedding: torch.Tensor | None = None  # (identity_dim,) face-identity embedding (Hallo)
+    speed: float | torch.Tensor | None = None  # head rotation speed, degrees per frame: a number or (S,)
+    region_masks: dict | None = None  # Hallo: {"full"|"face"|"lip": [per UNet level (L_level,)]}
+    motion_scale: tuple = (1.0, 1.0, 1.0)  # Hallo: weights of the full / face / lip audio branches
+    num_frames: int | None = None  # frames to keep (default S)
+
+
+@dataclass
+class SamplerSettings:
+    steps: int | None = None  # default: the config's (40)
+    guidance_scale: float | None = None  # default: the config's (3.5)
+    seed: int = 0
+    scheduler: str = "ddim"
+    frames_per_clip: int | None = None  # default: the config's
+    motion_frames: int | None = None  # default: the config's
+
+
+@dataclass
+class Clip:
+    index: int
+    count: int
+    first_frame: int
+    latents: torch.Tensor  # (1, 4, F, h, w); the last clip is cut to the frames that are kept
+
+
+@dataclass
+class SamplerStats:
+    reference_calls: int = 0
+    backbone_calls: int = 0
+
+
+def make_scheduler(name: str, config: dict):
+    if name not in SCHEDULERS:
+        raise EMOInputError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+    cls, extra = SCHEDULERS[name]
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    return cls(**{k: v for k, v in {**config, **extra}.items() if k in accepted})
+
+
+def generate(model, inputs: GenerationInputs, settings: SamplerSettings = SamplerSettings(),
+             codec: LatentCodec | None = None, progress: Callable | None = None,
+             cancel: Callable[[], bool] | None = None, initial_noise: list | None = None,
+             stats: SamplerStats | None = None) -> Iterator[Clip]:
+    """Generate the video clip by clip. `progress(step, total_steps, clip, clips)` is called after every denoising
+    step (it may raise to interrupt); `cancel()` returning True stops within one step. `initial_noise`: optional
+    per-clip noise (1, 4, F, h, w) instead of drawing it from the seed."""
+    cfg = model.cfg
+    device, dtype = model.device, model.dtype
+    stats = stats if stats is not None else SamplerStats()
+    frames = settings.frames_per_clip or cfg.frames_per_clip
+    motion = cfg.motion_frames if settings.motion_frames is None else settings.motion_frames
+    steps = settings.steps or cfg.steps
+    guidance = cfg.guidance_scale if settings.guidance_scale is None else settings.guidance_scale
+    _validate(model, inputs, frames, motion, codec)
+
+    audio = inputs.audio_features.to(device=device, dtype=dtype)
+    total = audio.shape[0]
+    keep = min(inputs.num_frames or total, total)
+    clips = math.ceil(total / frames)
+    audio = _pad_frames(audio, clips * frames)  # repeat the last frame to fill the last clip
+    windows = frame_windows(audio, cfg.audio.window, dim=0)  # (S', 2m+1, layers, channels)
+    speed = _speed_sequence(inputs.speed, total, clips * frames, device)
+
+    rows = 2 if guidance != 1.0 else 1  # row 0 unconditional, row 1 conditional
+    drop = set(cfg.cfg_uncond) if rows == 2 else set()
+    identity, groups = _identity_tokens(model, inputs, drop, rows)  # (rows, T, D) or None; context groups
+    reference_latent = inputs.reference_latent.to(device=device, dtype=dtype)
+    region_masks = _region_masks(inputs.region_masks, rows * frames, device, dtype)
+    use_reference = torch.tensor([("reference" not in drop) or r == rows - 1 for r in range(rows)], device=device)
+
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    motion_latents = None  # (M, 4, h, w) of the previous clip
+    for c in range(clips):
+        start = c * frames
+        with torch.no_grad():
+            audio_tokens = model.audio_proj(windows[start:start + frames][None])  # (1, F, K, D)
+            if "audio" in drop:
+                audio_tokens = torch.cat([torch.zeros_like(audio_tokens), audio_tokens])
+            face = None
+            if inputs.face_mask is not None and (c == 0 or inputs.face_mask.ndim == 4):
+                face_cond = _face_features(model, inputs.face_mask, start, frames, dtype, device)
+            if inputs.face_mask is not None:
+                face = torch.cat([torch.zeros_like(face_cond), face_cond]) if "face_locator" in drop \
+                    else face_cond.expand(rows, -1, -1, -1, -1)
+            bank = _reference_bank(model, reference_latent, motion_latents, motion, identity, groups, rows, stats)
+            cond = UNetConditions(
+                context=identity, bank=bank, use_reference=use_reference,
+                audio=audio_tokens.expand(rows, -1, -1, -1).flatten(0, 1), region_masks=region_masks,
+                motion_scale=tuple(float(s) for s in inputs.motion_scale),
+                speed=_speed_tokens(model, speed, start, frames, rows))
+
+        scheduler = make_scheduler(settings.scheduler, cfg.scheduler)
+        scheduler.set_timesteps(steps, device=device)
+        if initial_noise is not None:
+            noise = initial_noise[c]
+        else:
+            noise = torch.randn((1, cfg.unet.in_channels, frames, *reference_latent.shape[-2:]), generator=generator)
+        latents = noise.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
+        for i, t in enumerate(scheduler.timesteps):
+            if cancel is not None and cancel():
+                raise GenerationCancelled(f"cancelled at clip {c + 1}/{clips}, step {i + 1}/{steps}")
+            with torch.no_grad():
+                x = scheduler.scale_model_input(latents, t).to(dtype).expand(rows, -1, -1, -1, -1)
+                pred = model.denoise(x, t, cond, face).float()
+                stats.backbone_calls += 1
+                if rows == 2:
+                    pred = pred[0:1] + guidance * (pred[1:2] - pred[0:1])
+                latents = scheduler.step(pred, t, latents).prev_sample
+            if progress is not None:
+                progress(c * steps + i + 1, clips * steps, c, clips)
+
+        if motion:
+            motion_latents = _next_motion_frames(cfg, latents[0, :, -motion:].transpose(0, 1), codec, dtype)
+        kept = min(frames, keep - start)
+        yield Clip(index=c, count=clips, first_frame=start, latents=latents[:, :, :kept])
+        del cond, bank, latents
+
+
+def _validate(model, inputs: GenerationInputs, frames: int, motion: int, codec):
+    cfg = model.cfg
+    ref = inputs.reference_latent
+    if ref.ndim != 4 or ref.shape[0] != 1 or ref.shape[1] != cfg.unet.in_channels:
+        raise EMOInputError(f"reference latent must be (1, {cfg.unet.in_channels}, h, w), got {tuple(ref.shape)}")
+    feats = inputs.audio_features
+    want = (cfg.audio.layers, cfg.audio.channels)
+    if feats.ndim != 3 or tuple(feats.shape[1:]) != want:
+        raise EMOInputError(f"audio features must be (frames, {want[0]} layers, {want[1]} channels) for this model, "
+                            f"got {tuple(feats.shape)}: encode the audio with the wav2vec2 model the checkpoint "
+                            f"expects")
+    if feats.shape[0] < frames:
+        raise EMOInputError(f"audio is shorter than one clip: {feats.shape[0]} frames "
+                            f"({feats.shape[0] / cfg.fps:.2f} s at {cfg.fps} fps) < {frames} frames per clip; use "
+                            f"longer audio or fewer frames per clip")
+    if frames + motion > cfg.motion.max_len:
+        raise EMOInputError(f"frames per clip + motion frames = {frames + motion} exceeds the temporal modules' "
+                            f"limit of {cfg.motion.max_len}")
+    if frames < 1 or motion < 0:
+        raise EMOInputError(f"frames per clip must be >= 1 and motion frames >= 0, got {frames} and {motion}")
+    if motion and cfg.motion_frames_source == "pixels" and codec is None:
+        raise EMOInputError("this model re-encodes motion frames through the VAE (Hallo): pass the VAE as `codec`")
+    if inputs.face_mask is not None:
+        mask = inputs.face_mask
+        size = tuple(s * 8 for s in ref.shape[-2:])
+        if mask.ndim not in (3, 4) or tuple(mask.shape[-2:]) != size:
+            raise EMOInputError(f"face mask must be (C, H, W) or (frames, C, H, W) at the image size {size}, got "
+                                f"{tuple(mask.shape)}")
+        if mask.shape[-3] not in (1, cfg.face_locator.in_channels):
+            raise EMOInputError(f"face mask must have 1 or {cfg.face_locator.in_channels} channels, "
+                                f"got {mask.shape[-3]}")
+        if mask.ndim == 4 and mask.shape[0] < feats.shape[0]:
+            raise EMOInputError(f"per-frame face mask has {mask.shape[0]} frames but the audio has "
+                                f"{feats.shape[0]}; give one mask or one per frame")
+    if inputs.region_masks is not None:
+        levels = [math.prod(s) for s in _level_sizes(ref.shape[-2:], len(cfg.unet.block_out_channels))]
+        for key in ("full", "face", "lip"):
+            got = [m.numel() for m in inputs.region_masks.get(key, [])]
+            if got != levels:
+                raise EMOInputError(f"region mask {key!r} must have one mask per UNet level with {levels} values, "
+                                    f"got {got}")
+    if len(inputs.motion_scale) != 3:
+        raise EMOInputError(f"motion_scale must have 3 weights (full, face, lip), got {inputs.motion_scale}")
+
+
+def _level_sizes(hw, levels: int) -> list:
+    sizes, (h, w) = [], hw
+    for _ in range(levels):
+        sizes.append((h, w))
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return sizes
+
+
+def _pad_frames(x: torch.Tensor, length: int) -> torch.Tensor:
+    if x.shape[0] >= length:
+        return x[:length]
+    return torch.cat([x, x[-1:].expand(length - x.shape[0], *x.shape[1:])])
+
+
+def _speed_sequence(speed, total: int, padded: int, device):
+    if speed is None:
+        return None
+    speed = torch.as_tensor(speed, dtype=torch.float32, device=device)
+    if speed.ndim == 0:
+        speed = speed.expand(total)
+    if speed.ndim != 1 or speed.shape[0] < total:
+        raise EMOInputError(f"speed must be a number or one value per frame ({total}), got shape {tuple(speed.shape)}")
+    return _pad_frames(speed, padded)
+
+
+def _speed_tokens(model, speed, start: int, frames: int, rows: int):
+    if speed is None or not hasattr(model, "speed_encoder"):
+        return None
+    m = model.cfg.speed.window
+    idx = torch.arange(start - m, start + frames + m, device=speed.device).clamp(0, speed.shape[0] - 1)
+    tokens = model.speed_encoder(speed[idx][None])[:, m:m + frames]  # (1, F, K, D): windows fully inside the slice
+    return tokens.expand(rows, -1, -1, -1)
+
+
+def _identity_tokens(model, inputs, drop: set, rows: int):
+    """Identity tokens per CFG row and the number of distinct contexts (1, or 2 when the unconditional row drops
+    the identity)."""
+    if not model.cfg.identity_tokens:
+        return None, 1
+    emb = inputs.identity_embedding
+    zero = torch.zeros(1, model.cfg.identity_dim, device=model.device, dtype=model.dtype)
+    emb = zero if emb is None else emb.reshape(1, -1).to(device=model.device, dtype=model.dtype)
+    if emb.shape[1] != model.cfg.identity_dim:
+        raise EMOInputError(f"identity embedding must have {model.cfg.identity_dim} values, got {emb.shape[1]}")
+    with torch.no_grad():
+        if rows == 2 and "identity" in drop:
+            return model.image_proj(torch.cat([zero, emb])), 2
+        return model.image_proj(emb).expand(rows, -1, -1), 1
+
+
+def _face_features(model, mask, start: int, frames: int, dtype, device):
+    """Face-locator features (1, Cf, F, h, w) of one mask (C, H, W) or of the clip's per-frame masks (S, C, H, W)."""
+    mask = mask[None] if mask.ndim == 3 else _pad_frames(mask[start:start + frames], frames)
+    mask = mask.to(device=device, dtype=dtype).expand(-1, model.cfg.face_locator.in_channels, -1, -1)
+    with torch.no_grad():
+        features = model.face_locator(mask)  # (1 or F, Cf, h, w)
+    return features.transpose(0, 1)[None].expand(-1, -1, frames, -1, -1)
+
+
+def _region_masks(masks, rows_frames: int, device, dtype):
+    if masks is None:
+        return None
+    return {k: [m.reshape(1, -1).to(device=device, dtype=dtype).expand(rows_frames, -1) for m in masks[k]]
+            for k in ("full", "face", "lip")}
+
+
+def _reference_bank(model, reference_latent, motion_latents, motion: int, identity, groups: int, rows: int,
+                    stats: SamplerStats) -> list:
+    """ReferenceNet on [reference, motion frames] per context group -> per block (rows, 1+M, L, C)."""
+    cfg = model.cfg
+    zeros_first = motion_latents is None and cfg.first_clip_motion == "zeros"
+    if motion_latents is None:
+        images = reference_latent.expand(1 if zeros_first else 1 + motion, -1, -1, -1)
+    else:
+        images = torch.cat([reference_latent, motion_latents])
+    per_group = images.shape[0]
+    latents = images.repeat(groups, 1, 1, 1)  # rows: [ref, m1.. (group 0)], [ref, m1.. (group 1)]
+    context = None
+    if identity is not None:
+        if groups == 2 and cfg.reference_context_tiling:
+            context = identity.repeat(per_group, 1, 1)  # Hallo quirk: image row i gets context i mod 2
+        else:
+            context = identity[:groups].repeat_interleave(per_group, dim=0)
+    with torch.no_grad():
+        bank = model.reference_features(latents, context)
+    stats.reference_calls += 1
+    out = []
+    for feature in bank:
+        feature = feature.unflatten(0, (groups, per_group))  # (G, 1+M', L, C)
+        if zeros_first and motion:
+            feature = torch.cat([feature, feature.new_zeros(groups, motion, *feature.shape[2:])], dim=1)
+        out.append(feature.expand(rows, -1, -1, -1) if groups == 1 else feature)
+    return out
+
+
+def _next_motion_frames(cfg, last: torch.Tensor, codec, dtype) -> torch.Tensor:
+    """The previous clip's last M frames as latents (M, 4, h, w); Hallo decodes and re-encodes them."""
+    if cfg.motion_frames_source == "pixels":
+        with torch.no_grad():
+            pixels = codec.decode(last.to(dtype))  # [0, 1]
+            return codec.encode(pixels * 2 - 1).to(dtype)
+    return last.to(dtype)

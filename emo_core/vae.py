@@ -1,0 +1,56 @@
+"""The SD1.5 VAE outside ComfyUI (CLI, tests, benchmark): diffusers' AutoencoderKL as a `LatentCodec`.
+
+Inside ComfyUI the nodes use the core VAE object instead. Latents are `latent_dist.mean × scale` (0.18215 for
+SD1.5; Hallo uses that constant rather than the config's scaling factor).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+
+
+class DiffusersVAE:
+    def __init__(self, vae: AutoencoderKL, scale: float = 0.18215, decode_batch: int = 8):
+        self.vae, self.scale, self.decode_batch = vae, scale, decode_batch
+
+    @classmethod
+    def from_files(cls, weights, config=None, dtype=torch.float32, device="cpu", scale: float = 0.18215):
+        """weights: a diffusers VAE folder, or a .safetensors state dict with `config` (a diffusers config json)
+        beside it or given explicitly."""
+        weights = Path(weights)
+        if weights.is_dir():
+            vae = AutoencoderKL.from_pretrained(weights, local_files_only=True)
+        else:
+            from .checkpoint import read_state_dict
+
+            config = Path(config) if config else _find_config(weights)
+            vae = AutoencoderKL.from_config(json.loads(config.read_text()))
+            state_dict, _ = read_state_dict(weights)
+            vae.load_state_dict(state_dict)
+        return cls(vae.to(device=device, dtype=dtype).eval(), scale)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        # pixels: (N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8)
+        with torch.no_grad():
+            return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean * self.scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        # latents: (N, 4, h, w) -> (N, 3, 8h, 8w) in [0, 1], decoded a few frames at a time
+        out = []
+        with torch.no_grad():
+            for chunk in latents.split(self.decode_batch):
+                x = self.vae.decode(chunk.to(self.vae.dtype) * (1 / self.scale)).sample
+                out.append((x / 2 + 0.5).clamp(0, 1))
+        return torch.cat(out)
+
+
+def _find_config(weights: Path) -> Path:
+    for candidate in (weights.with_suffix(".json"), weights.parent / f"{weights.stem}_config.json",
+                      weights.parent / "vae_config.json", weights.parent / "config.json"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no diffusers config found beside the VAE weights {weights}; pass it explicitly")
