@@ -109,13 +109,25 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, source: str, look
     shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(ours[k].shape)}"
               for k in ours if k in state_dict and tuple(state_dict[k].shape) != tuple(ours[k].shape)]
     if missing or unexpected or shapes:
-        parts = [f"{source} does not match the EMO model it should build ({looks_like})."]
-        for name, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        parts = [f"{source} does not match the EMO model it should build; the file looks like {looks_like}."]
+        for name, items in (("missing", missing), ("unexpected", unexpected)):
             if items:
-                parts.append(f"{len(items)} {name}: " + ", ".join(items[:6]) + (" ..." if len(items) > 6 else ""))
+                parts.append(f"{len(items)} {name} keys in {_group(items)}, e.g. {items[0]}")
+        if shapes:
+            parts.append(f"{len(shapes)} with another shape, e.g. " + "; ".join(shapes[:3]))
         parts.append("Is this the right file for this config? A Hallo checkpoint that is not SD1.5-sized needs its "
                      "config beside it (<name>.emo.json).")
         raise CheckpointError("\n".join(parts))
+
+
+def _group(keys: list) -> str:
+    """'backbone.down_blocks (120), image_proj (4)': where a list of keys lives, by their first two names."""
+    counts = {}
+    for key in keys:
+        head = ".".join(key.split(".")[:2]) if key.split(".")[0] in ("backbone", "reference_net") else key.split(".")[0]
+        counts[head] = counts.get(head, 0) + 1
+    groups = [f"{head} ({n})" for head, n in counts.items()]
+    return ", ".join(groups[:8]) + (" ..." if len(groups) > 8 else "")
 
 
 def _sidecar_config(path: Path) -> EMOConfig | None:
@@ -132,13 +144,16 @@ def _sidecar_config(path: Path) -> EMOConfig | None:
     return None
 
 
-def load_checkpoint(path, config: EMOConfig | None = None) -> tuple[EMOConfig, dict]:
-    """Read any supported checkpoint. Returns (config, state dict in our key names), on the CPU."""
+def load_checkpoint(path, config: EMOConfig | None = None) -> tuple[EMOConfig, dict, str]:
+    """Read any supported checkpoint. Returns (config, state dict in our key names, what the file looks like),
+    on the CPU. The config comes from the file (ours), beside it, or the `hallo` preset; `config` overrides it."""
     path = Path(path)
     state_dict, metadata = read_state_dict(path)
     looks_like = describe(state_dict, metadata)
     if metadata.get("format") == FORMAT_TAG:
-        return config or EMOConfig.from_json(metadata["emo_config"]), state_dict
+        own = EMOConfig.from_json(metadata["emo_config"])
+        looks_like = f"an EMO checkpoint of config {own.name!r} ({'x'.join(map(str, own.unet.block_out_channels))})"
+        return config or own, state_dict, looks_like
     if looks_like == "a Hallo net.pth":
         if config is None:
             config = _sidecar_config(path)
@@ -148,12 +163,12 @@ def load_checkpoint(path, config: EMOConfig | None = None) -> tuple[EMOConfig, d
                 raise CheckpointError(f"{path.name} is a Hallo checkpoint of width {width[0]} (not SD1.5); its "
                                       f"config is needed beside it as {path.with_suffix('.emo.json').name}")
             config = preset("hallo")
-        return config, hallo_to_emo(state_dict)
+        return config, hallo_to_emo(state_dict), looks_like
     raise CheckpointError(f"{path.name} is not an EMO or Hallo checkpoint: it looks like {looks_like}.")
 
 
 def build_model(config: EMOConfig, state_dict: dict | None = None, source: str = "checkpoint",
-                dtype=None, device=None, operations=torch.nn):
+                looks_like: str = "an EMO-family checkpoint", dtype=None, device=None, operations=torch.nn):
     """Build EMONet from a config (and load a state dict strictly, with a readable error on mismatch)."""
     from .models.emo import EMONet
 
@@ -161,15 +176,16 @@ def build_model(config: EMOConfig, state_dict: dict | None = None, source: str =
         return EMONet(config, dtype=dtype, device=device, operations=operations)
     with torch.device("meta"):
         probe = EMONet(config)
-    check_state_dict(probe, state_dict, source, describe(state_dict))
+    check_state_dict(probe, state_dict, source, looks_like)
     model = EMONet(config, dtype=dtype, device=device, operations=operations)
     model.load_state_dict(state_dict, strict=True)
     return model
 
 
 def load_model(path, config: EMOConfig | None = None, dtype=torch.float32, device="cpu", operations=torch.nn):
-    config, state_dict = load_checkpoint(path, config)
-    return build_model(config, state_dict, Path(path).name, dtype=dtype, device=device, operations=operations)
+    config, state_dict, looks_like = load_checkpoint(path, config)
+    return build_model(config, state_dict, Path(path).name, looks_like, dtype=dtype, device=device,
+                       operations=operations)
 
 
 def save_checkpoint(model, path) -> None:

@@ -117,16 +117,16 @@ def describe(state: dict) -> str:
         guess = "a ControlNet"
     elif has("conditioner.embedders."):
         guess = "an SDXL-family checkpoint"
-    elif has("first_stage_model.", "encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.",
-              "quant_conv."):
+    elif has("first_stage_model.", "encoder.conv_in.", "decoder.conv_out.", "encoder.down.", "decoder.up.",
+             "quant_conv."):
         guess = "a VAE"
     elif has("cond_stage_model.", "text_model.", "text_projection"):
         guess = "a CLIP text encoder"
     elif "conv_in.weight" in state and has("down_blocks.0.resnets.0."):
         guess = "diffusers-format UNet weights; pass the folder that holds them with their config.json"
     else:
-        guess = "nothing known"
-    return f"it looks like {guess}; {_few(sorted(keys))} keys"
+        return f"its keys are none we know: {_few(sorted(keys))}"
+    return f"it looks like {guess}; keys: {_few(sorted(keys))}"
 
 
 # ---- SD1.5 UNet ------------------------------------------------------------------------------------------------

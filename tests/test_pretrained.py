@@ -69,14 +69,15 @@ def ldm_name(key: str, layers: int) -> str:
         if p[2] == "downsamplers":
             return f"input_blocks.{(i + 1) * (layers + 1)}.0.op.{param}"
         block = f"input_blocks.{1 + i * (layers + 1) + int(p[3])}"
-    elif p[0] == "mid_block":
-        block = f"middle_block.{2 * int(p[3]) if p[2] == 'resnets' else 1}"
-        return f"{block}.{'.'.join([RESNET_LDM[p[4]]] + p[5:]) if p[2] == 'resnets' else '.'.join(p[4:])}"
+    elif p[0] == "mid_block":  # middle_block.0 / .2: ResNets, .1: the transformer
+        if p[1] == "resnets":
+            return f"middle_block.{2 * int(p[2])}.{'.'.join([RESNET_LDM[p[3]]] + p[4:])}"
+        return f"middle_block.1.{'.'.join(p[3:])}"
     else:
         i = int(p[1])
         if p[2] == "upsamplers":  # inside the last output block of the level, after the ResNet (and attention)
-            return f"output_blocks.{i * (layers + 2) + layers + 1}.{1 if i == 0 else 2}.conv.{param}"
-        block = f"output_blocks.{i * (layers + 2) + int(p[3])}"
+            return f"output_blocks.{i * (layers + 1) + layers}.{1 if i == 0 else 2}.conv.{param}"
+        block = f"output_blocks.{i * (layers + 1) + int(p[3])}"
     if p[2] == "resnets":
         return f"{block}.0.{'.'.join([RESNET_LDM[p[4]]] + p[5:])}"
     return f"{block}.1.{'.'.join(p[4:])}"
@@ -161,7 +162,7 @@ def test_reference_net_computes_like_diffusers(unet, files):
     finally:
         for h in hooks:
             h.remove()
-    assert len(bank) == len(seen) == 7  # 3 down + 1 mid + 3 up transformer blocks (layers_per_block 1)
+    assert len(bank) == len(seen) == 10  # 3 down + 1 mid + 2 x 3 up transformer blocks (layers_per_block 1)
     for ours, theirs in zip(bank, seen):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
@@ -173,7 +174,7 @@ def test_init_from_sd15_emo_preset_reports_skips(files):
     mismatched = [k for k, _, _ in report.mismatched]
     assert mismatched and all(k.startswith("backbone.") and (".attn2.to_k." in k or ".attn2.to_v." in k)
                               for k in mismatched)
-    assert len(mismatched) == 2 * 7 * 2  # to_k and to_v weights of 7 transformer blocks... (weights only)
+    assert len(mismatched) == 2 * 10  # to_k and to_v of 10 transformer blocks (3 down, 1 mid, 2 x 3 up)
     assert any(".attn2." in k and k.startswith("reference_net.") for k in report.no_home)
     for key, value in before.items():  # skipped tensors keep the model's own init
         assert torch.equal(model.state_dict()[key], value)
