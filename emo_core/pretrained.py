@@ -41,19 +41,20 @@ class InitReport:
     loaded: dict = field(default_factory=dict)  # prefix -> [model keys written]
     no_home: list = field(default_factory=list)  # file tensors whose name does not exist in the model: ignored
     mismatched: list = field(default_factory=list)  # (model key, file shape, model shape): skipped
-    adapted: list = field(default_factory=list)  # notes on tensors copied only in part (pos_encoder.pe)
+    adapted: list = field(default_factory=list)  # (model key, note): tensors copied only in part (pos_encoder.pe)
     left_at_init: list = field(default_factory=list)  # model keys in this loader's scope that it did not write
 
     def summary(self) -> str:
-        lines = [f"weights from {self.source}",
-                 "  loaded: " + ", ".join(f"{len(keys)} tensors into {prefix}*" for prefix, keys in self.loaded.items())]
+        loaded = ", ".join(f"{len(keys)} tensors into {prefix}*" for prefix, keys in self.loaded.items())
+        lines = [f"weights from {self.source}", f"  loaded: {loaded}"]
         if self.no_home:
             lines.append(f"  no home in the model, ignored ({len(self.no_home)}): {_groups(self.no_home)}")
         if self.mismatched:
             key, theirs, ours = self.mismatched[0]
             lines.append(f"  shape mismatch, model keeps its own ({len(self.mismatched)}): "
                          f"{_groups(k for k, _, _ in self.mismatched)}; e.g. {key}: file {theirs}, model {ours}")
-        lines += [f"  adapted: {note}" for note in self.adapted]
+        for note, keys in _by_note(self.adapted).items():
+            lines.append(f"  copied in part ({len(keys)}): {_groups(keys)}: {note}")
         if self.left_at_init:
             lines.append(f"  left at the model's own initialisation ({len(self.left_at_init)}): "
                          f"{_groups(self.left_at_init)}")
@@ -154,10 +155,10 @@ def sd15_config_from_ldm(unet: dict, num_heads: int = 8) -> dict:
         raise ValueError("no input_blocks.0.0 (conv_in) or out.2 (conv_out) weights")
     down_at = sorted(i for i in blocks if f"input_blocks.{i}.0.op.weight" in unet)
     levels = len(down_at) + 1
-    layers = (max(blocks) + 1) // levels - 1  # input blocks: conv_in + levels·layers ResNets + (levels-1) downsamplers
-    if layers < 1 or max(blocks) + 1 != levels * (layers + 1) or down_at != [(k + 1) * (layers + 1)
-                                                                              for k in range(levels - 1)]:
-        raise ValueError(f"input_blocks 0..{max(blocks)} with downsamplers at {down_at} are not a UNet layout")
+    count = max(blocks) + 1  # conv_in + levels·layers ResNets (+ attention) + (levels - 1) downsamplers
+    layers = count // levels - 1
+    if layers < 1 or count != levels * (layers + 1) or down_at != [(k + 1) * (layers + 1) for k in range(levels - 1)]:
+        raise ValueError(f"input_blocks 0..{count - 1} with downsamplers at {down_at} are not a UNet layout")
     first = [1 + k * (layers + 1) for k in range(levels)]  # the first ResNet of each level
     channels = [unet[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] for i in first]
     attention = [f"input_blocks.{i}.1.proj_in.weight" in unet for i in first]
@@ -165,6 +166,7 @@ def sd15_config_from_ldm(unet: dict, num_heads: int = 8) -> dict:
     if not to_k:
         raise ValueError("no cross-attention (attn2.to_k) weights")
     depth = 1 + max(int(m.group(1)) for k in unet if (m := re.search(r"transformer_blocks\.(\d+)\.", k)))
+    proj_in = unet[next(k for k in sorted(unet) if k.endswith(".proj_in.weight"))]  # 1x1 conv (SD1.5) or linear
     return {
         "in_channels": unet["input_blocks.0.0.weight"].shape[1],
         "out_channels": unet["out.2.weight"].shape[0],
@@ -174,8 +176,7 @@ def sd15_config_from_ldm(unet: dict, num_heads: int = 8) -> dict:
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attention[::-1]],
         "cross_attention_dim": unet[to_k[0]].shape[1],
         "attention_head_dim": num_heads,
-        "use_linear_projection": unet[f"input_blocks.{first[attention.index(True)]}.1.proj_in.weight"].ndim == 2
-        if any(attention) else False,
+        "use_linear_projection": proj_in.ndim == 2,
         "transformer_layers_per_block": depth,
         "norm_num_groups": math.gcd(32, *channels),
     }
@@ -195,7 +196,7 @@ def _load_sd15(path, num_heads: int) -> tuple:
         raise ValueError(f"{path} is not an SD1.5 UNet: it has class / size conditioning (label_emb), as SDXL does")
     try:
         config = sd15_config_from_ldm(unet, num_heads)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, StopIteration) as e:
         raise ValueError(f"{path}: its model.diffusion_model.* keys do not follow the SD1.5 UNet layout: {e}") from e
     _check_sd15_layout(config, path)
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
@@ -209,7 +210,8 @@ def _load_diffusers_folder(folder: Path) -> tuple:
     unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
     config_file = unet_dir / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{folder} is not a diffusers UNet folder: it has no config.json (nor unet/config.json)")
+        raise FileNotFoundError(f"{folder} is not a diffusers UNet folder: it has no config.json "
+                                f"(nor unet/config.json)")
     config = json.loads(config_file.read_text())
     if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise ValueError(f"{config_file} describes a {config['_class_name']}, not a UNet2DConditionModel")
@@ -340,8 +342,8 @@ def init_motion_modules(model: nn.Module, path, strict: bool = True) -> InitRepo
                 and tensor.shape[1] != target.shape[1]:
             rows = min(tensor.shape[1], target.shape[1])
             target, tensor = target[:, :rows], tensor[:, :rows]
-            report.adapted.append(f"{name}: file has {weights[key].shape[1]} positions, model {state[name].shape[1]}"
-                                  f"; copied the first {rows}")
+            report.adapted.append((name, f"pos_encoder.pe: file has {weights[key].shape[1]} positions, model "
+                                         f"{state[name].shape[1]}; copied the first {rows}"))
         if tensor.shape != target.shape:
             report.mismatched.append((name, tuple(tensor.shape), tuple(target.shape)))
             continue
@@ -375,6 +377,13 @@ def _copy(plan: list) -> None:
 def _few(items, n: int = 5) -> str:
     items = list(items)
     return f"[{', '.join(map(str, items[:n]))}{', ...' if len(items) > n else ''}] ({len(items)})"
+
+
+def _by_note(pairs) -> dict:
+    out = {}
+    for key, note in pairs:
+        out.setdefault(note, []).append(key)
+    return out
 
 
 def _groups(keys) -> str:

@@ -16,7 +16,6 @@ from emo_core.models.emo import EMONet
 from emo_core.pretrained import (init_from_sd15, init_motion_modules, load_motion_module, load_sd15_unet,
                                  sd15_config_from_ldm)
 
-FULL_SIZE_KEYS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hallo_tiny" / "full_size_keys.json"
 TINY_UNET = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, attention_head_dim=4,
                  cross_attention_dim=48, norm_num_groups=8, sample_size=8)  # the UNet of the tiny / hallo-tiny presets
 
@@ -264,8 +263,8 @@ def test_sd2_style_unet_is_refused(tmp_path):
 # ---- AnimateDiff motion modules --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["hallo", "emo"])
-def test_every_real_motion_module_key_has_a_home(name):
-    real = json.loads(FULL_SIZE_KEYS.read_text())["motion_module_checkpoint"]["keys"]
+def test_every_real_motion_module_key_has_a_home(name, hallo_fixture):
+    real = json.loads((hallo_fixture / "full_size_keys.json").read_text())["motion_module_checkpoint"]["keys"]
     assert len(real) == 588
     with torch.device("meta"):
         model = EMONet(preset(name))
@@ -304,7 +303,7 @@ def test_init_motion_modules(tmp_path):
         else:
             assert torch.equal(state["backbone." + key], value), key
     pe_count = sum(k.endswith("pos_encoder.pe") for k in weights)
-    assert len(report.adapted) == pe_count and "24 positions, model 32" in report.adapted[0]
+    assert len(report.adapted) == pe_count and "24 positions, model 32" in report.adapted[0][1]
     assert len(report.loaded["backbone."]) == len(weights)
     assert report.left_at_init and all(".speed_attention." in k for k in report.left_at_init)
     assert "speed_attention" in report.summary()
