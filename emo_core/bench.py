@@ -20,6 +20,7 @@ import torch
 
 from .config import PRESETS, preset
 from .sampler import GenerationInputs, SamplerSettings, SamplerStats, generate
+from .vae import random_vae
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,21 +45,6 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def random_vae(tiny: bool, dtype, device):
-    from diffusers import AutoencoderKL
-
-    from .vae import DiffusersVAE
-
-    torch.manual_seed(0)
-    if tiny:
-        vae = AutoencoderKL(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, layers_per_block=1,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    else:  # SD1.5 layout (sd-vae-ft-mse)
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    return DiffusersVAE(vae.to(device=device, dtype=dtype).eval())
 
 
 def main(argv=None) -> dict:
@@ -97,7 +83,7 @@ def main(argv=None) -> dict:
 
         vae = DiffusersVAE.from_files(args.vae, dtype=dtype, device=device)
     else:
-        vae = random_vae(tiny, dtype, device)
+        vae = random_vae(tiny, dtype, device)  # timing only: weights do not matter
 
     g = torch.Generator().manual_seed(args.seed)
     image = torch.rand(1, 3, size, size, generator=g) * 2 - 1

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import EMOConfig, from_hallo_configs, preset
 
 FORMAT_TAG = "emo-comfyui/1"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 HALLO_PREFIXES = {
     "reference_unet.": "reference_net.",
     "denoising_unet.": "backbone.",
@@ -38,55 +41,101 @@ class CheckpointError(ValueError):
 
 
 def read_state_dict(path) -> tuple[dict, dict]:
-    """Returns (tensors, metadata) of a .safetensors / .pth / .ckpt / .bin file, on the CPU."""
+    """(tensors, metadata) of a .safetensors or pickled (.ckpt/.pt/.pth/.bin) file on the CPU, unwrapped from
+    nested "state_dict" keys.
+
+    Pickles are read with `weights_only=True`: a file whose unpickling would import or call anything beyond
+    tensors and plain containers is refused. Raises FileNotFoundError / CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+        raise FileNotFoundError(f"{path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
+    suffix = path.suffix.lower()
+    metadata = {}
+    if suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
-                return {k: f.get_tensor(k) for k in f.keys()}, metadata
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path.name}: not a readable safetensors file ({e}); the file may be truncated "
-                                  f"or corrupt: download or copy it again") from e
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path.name}: refused to load: this pickle contains code or objects that are not "
-                              f"plain tensors, and loading it could run that code. Use a .safetensors file or a "
-                              f"checkpoint saved as a plain state dict. ({str(e).splitlines()[0]})") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path.name}: not a readable PyTorch checkpoint ({e}); the file may be truncated "
-                              f"or corrupt") from e
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+                data = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # SafetensorError: truncated, corrupt, or not safetensors at all
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}; "
+                                  f"download or copy it again") from e
+    elif suffix in PICKLE_SUFFIXES:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "Weights only load failed" not in str(e):
+                raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+                                      f"{e}") from e
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            wants = f" (it asks for `{found.group(1)}`)" if found else ""
+            raise CheckpointError(
+                f"refused to load {path}: unpickling it would import or run code{wants}, which weights_only "
+                f"loading forbids. Only plain tensor checkpoints are accepted; if you trust the file, re-save its "
+                f"tensors as .safetensors with a trusted tool.") from e
+        except Exception as e:  # RuntimeError (bad zip), EOFError, KeyError, ...: truncated or not a checkpoint
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+                                  f"{type(e).__name__}: {e}") from e
+    else:
+        raise CheckpointError(f"{path}: unsupported file type {suffix!r}; expected .safetensors or one of "
+                              f"{PICKLE_SUFFIXES}")
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CheckpointError(f"{path.name}: expected a state dict of tensors, found {type(data).__name__}")
-    return data, {}
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a state dict of tensors")
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, metadata
 
 
-def describe(state_dict: dict, metadata: dict | None = None) -> str:
-    """A short guess of what a state dict is, for error messages."""
-    metadata = metadata or {}
-    keys = list(state_dict)
-    if metadata.get("format") == FORMAT_TAG:
+def describe(state: dict, metadata: dict | None = None) -> str:
+    """A guess at what a state dict is, from its key names, for error messages."""
+    keys = list(state)
+    if (metadata or {}).get("format") == FORMAT_TAG:
         return "an EMO checkpoint of this pack"
-    if any(k.startswith("denoising_unet.") for k in keys):
+    if not keys:
+        return "a file that holds no tensors"
+    has = lambda *parts: any(p in k for k in keys for p in parts)  # noqa: E731
+    if has("lora_down", "lora_up", "lora_A", "lora_B", "lora."):
+        guess = "a LoRA"
+    elif has("denoising_unet.", "reference_unet."):
         return "a Hallo net.pth"
-    if any(k.startswith("model.diffusion_model.") for k in keys):
-        return "an original Stable Diffusion single-file checkpoint (load it as SD1.5 initialisation for training)"
-    if keys and all(".motion_modules." in k for k in keys):
-        return "an AnimateDiff motion-module checkpoint (load it as motion-module initialisation for training)"
-    if any(k.startswith(("encoder.down", "decoder.up")) for k in keys):
-        return "a VAE (put it in models/vae)"
-    if any(k.startswith(("wav2vec2.", "feature_extractor.")) for k in keys):
-        return "a wav2vec2 audio encoder (put it in models/audio_encoders)"
-    if any("lora" in k for k in keys):
-        return "a LoRA"
-    if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
-        return "a diffusers UNet"
-    return f"an unknown state dict ({len(keys)} tensors, e.g. {keys[:3]})"
+    elif has(".motion_modules."):
+        guess = "an AnimateDiff motion module"
+    elif has("control_model.", "input_hint_block", "controlnet_cond_embedding"):
+        guess = "a ControlNet"
+    elif has("conditioner.embedders."):
+        guess = "an SDXL-family checkpoint"
+    elif has("model.diffusion_model."):
+        guess = "an original Stable Diffusion single-file checkpoint (use it to initialise training)"
+    elif has("first_stage_model.", "encoder.conv_in.", "decoder.conv_out.", "encoder.down.", "decoder.up.",
+             "quant_conv.", "encoder.down_blocks."):
+        guess = "a VAE (it belongs in models/vae)"
+    elif has("wav2vec2.", "feature_extractor.conv_layers"):
+        guess = "a wav2vec2 audio encoder (it belongs in models/audio_encoders)"
+    elif has("cond_stage_model.", "text_model.", "text_projection"):
+        guess = "a CLIP text encoder"
+    elif "conv_in.weight" in state and has("down_blocks.0.resnets.0."):
+        guess = "diffusers-format UNet weights"
+    else:
+        return f"an unknown state dict, keys {_few(sorted(keys))}"
+    return f"{guess}; keys {_few(sorted(keys))}"
+
+
+def _few(items, n: int = 5) -> str:
+    items = list(items)
+    return f"[{', '.join(map(str, items[:n]))}{', ...' if len(items) > n else ''}] ({len(items)})"
+
+
+def _groups(keys) -> str:
+    """Keys counted by kind, e.g. 'backbone.*.audio_modules (40), face_locator (8)'."""
+    kinds = ("speed_attention", "motion_modules", "audio_modules", "attn2", "norm2")
+
+    def kind(key: str) -> str:
+        parts = key.split(".")
+        found = next((k for k in kinds if k in parts), None)
+        if found:
+            return f"{parts[0]}.*.{found}"
+        return ".".join(parts[:2]) if parts[0] in ("reference_net", "backbone") else parts[0]
+
+    return ", ".join(f"{k} ({n})" for k, n in Counter(map(kind, keys)).items())
 
 
 def hallo_to_emo(state_dict: dict) -> dict:
@@ -112,22 +161,12 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, source: str, look
         parts = [f"{source} does not match the EMO model it should build; the file looks like {looks_like}."]
         for name, items in (("missing", missing), ("unexpected", unexpected)):
             if items:
-                parts.append(f"{len(items)} {name} keys in {_group(items)}, e.g. {items[0]}")
+                parts.append(f"{len(items)} {name} keys in {_groups(items)}, e.g. {items[0]}")
         if shapes:
             parts.append(f"{len(shapes)} with another shape, e.g. " + "; ".join(shapes[:3]))
         parts.append("Is this the right file for this config? A Hallo checkpoint that is not SD1.5-sized needs its "
                      "config beside it (<name>.emo.json).")
         raise CheckpointError("\n".join(parts))
-
-
-def _group(keys: list) -> str:
-    """'backbone.down_blocks (120), image_proj (4)': where a list of keys lives, by their first two names."""
-    counts = {}
-    for key in keys:
-        head = ".".join(key.split(".")[:2]) if key.split(".")[0] in ("backbone", "reference_net") else key.split(".")[0]
-        counts[head] = counts.get(head, 0) + 1
-    groups = [f"{head} ({n})" for head, n in counts.items()]
-    return ", ".join(groups[:8]) + (" ..." if len(groups) > 8 else "")
 
 
 def _sidecar_config(path: Path) -> EMOConfig | None:

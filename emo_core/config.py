@@ -176,7 +176,7 @@ class EMOConfig:
         if self.audio.module not in ("emo", "hallo"):
             raise ValueError(f"EMO config: audio.module must be 'emo' or 'hallo', got {self.audio.module!r}")
         if self.face_locator.inject not in ("latent", "conv_in"):
-            raise ValueError(f"EMO config: face_locator.inject must be 'latent' or 'conv_in'")
+            raise ValueError("EMO config: face_locator.inject must be 'latent' or 'conv_in'")
         bad = set(self.cfg_uncond) - {"identity", "audio", "face_locator", "reference"}
         if bad:
             raise ValueError(f"EMO config: cfg_uncond has unknown entries {sorted(bad)}")

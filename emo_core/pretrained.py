@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .checkpoint import _few, _groups, describe, read_state_dict
+
 LDM_PREFIX = "model.diffusion_model."
 UNET_PREFIXES = ("reference_net.", "backbone.")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                      "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
 
@@ -59,75 +58,6 @@ class InitReport:
             lines.append(f"  left at the model's own initialisation ({len(self.left_at_init)}): "
                          f"{_groups(self.left_at_init)}")
         return "\n".join(lines)
-
-
-# ---- reading files ---------------------------------------------------------------------------------------------
-
-def read_state_dict(path) -> dict:
-    """All tensors of a .safetensors or pickled (.ckpt/.pt/.pth/.bin) file, unwrapped from nested "state_dict" keys.
-
-    Pickles are read with `weights_only=True`: a file whose unpickling would import or call anything beyond
-    tensors and plain containers is refused. Raises FileNotFoundError / ValueError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-        try:
-            data = load_file(str(path), device="cpu")
-        except Exception as e:  # SafetensorError: truncated, corrupt, or not safetensors at all
-            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-    elif suffix in PICKLE_SUFFIXES:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if "Weights only load failed" not in str(e):
-                raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            wants = f" (it asks for `{found.group(1)}`)" if found else ""
-            raise ValueError(
-                f"refused to load {path}: unpickling it would import or run code{wants}, which weights_only "
-                f"loading forbids. Only plain tensor checkpoints are accepted; if you trust the file, re-save its "
-                f"tensors as .safetensors with a trusted tool.") from e
-        except Exception as e:  # RuntimeError (bad zip), EOFError, KeyError, ...: truncated or not a checkpoint
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-                             f"{type(e).__name__}: {e}") from e
-    else:
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; expected .safetensors or one of {PICKLE_SUFFIXES}")
-    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a {type(data).__name__}, not a state dict of tensors")
-    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
-
-
-def describe(state: dict) -> str:
-    """A guess at what a state dict is, from its key names, for error messages."""
-    keys = list(state)
-    if not keys:
-        return "it holds no tensors"
-    has = lambda *parts: any(p in k for k in keys for p in parts)  # noqa: E731
-    if has("lora_down", "lora_up", "lora_A", "lora_B", "lora."):
-        guess = "a LoRA"
-    elif has("denoising_unet.", "reference_unet."):
-        guess = "a Hallo / AnimateAnyone net.pth (load it with the EMO checkpoint loader)"
-    elif has(".motion_modules."):
-        guess = "an AnimateDiff motion module"
-    elif has("control_model.", "input_hint_block", "controlnet_cond_embedding"):
-        guess = "a ControlNet"
-    elif has("conditioner.embedders."):
-        guess = "an SDXL-family checkpoint"
-    elif has("first_stage_model.", "encoder.conv_in.", "decoder.conv_out.", "encoder.down.", "decoder.up.",
-             "quant_conv."):
-        guess = "a VAE"
-    elif has("cond_stage_model.", "text_model.", "text_projection"):
-        guess = "a CLIP text encoder"
-    elif "conv_in.weight" in state and has("down_blocks.0.resnets.0."):
-        guess = "diffusers-format UNet weights; pass the folder that holds them with their config.json"
-    else:
-        return f"its keys are none we know: {_few(sorted(keys))}"
-    return f"it looks like {guess}; keys: {_few(sorted(keys))}"
 
 
 # ---- SD1.5 UNet ------------------------------------------------------------------------------------------------
@@ -187,11 +117,11 @@ def _load_sd15(path, num_heads: int) -> tuple:
     path = Path(path)
     if path.is_dir():
         return _load_diffusers_folder(path)
-    checkpoint = read_state_dict(path)
+    checkpoint, _ = read_state_dict(path)
     unet = {k[len(LDM_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(LDM_PREFIX)}
     if not unet:
         raise ValueError(f"{path} has no model.diffusion_model.* keys, so it is not an SD1.5 checkpoint; "
-                         f"{describe(checkpoint)}")
+                         f"it looks like {describe(checkpoint)}")
     if "label_emb.0.0.weight" in unet:
         raise ValueError(f"{path} is not an SD1.5 UNet: it has class / size conditioning (label_emb), as SDXL does")
     try:
@@ -221,7 +151,7 @@ def _load_diffusers_folder(folder: Path) -> tuple:
                                 f"(it holds {sorted(p.name for p in unet_dir.iterdir())})")
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     _check_sd15_layout(config, config_file)
-    weights = read_state_dict(weights_file)
+    weights, _ = read_state_dict(weights_file)
     _check_complete(weights, config, weights_file)
     return weights, config
 
@@ -305,10 +235,10 @@ def load_motion_module(path) -> dict:
     """An AnimateDiff motion-module file (`mm_sd_v15_v2.ckpt` / .safetensors) as {key: tensor}, keys as AnimateDiff
     spells them, e.g. `down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0
     .pos_encoder.pe` (1, 32, 320). A "state_dict" wrapper and a `module.` key prefix are removed."""
-    state = {k.removeprefix("module."): v for k, v in read_state_dict(path).items()}
+    state = {k.removeprefix("module."): v for k, v in read_state_dict(path)[0].items()}
     if not any(".motion_modules." in k for k in state):
         raise ValueError(f"{path} has no *.motion_modules.* keys, so it is not an AnimateDiff motion module; "
-                         f"{describe(state)}")
+                         f"it looks like {describe(state)}")
     if not any(".temporal_transformer." in k for k in state):
         raise ValueError(f"{path} is in diffusers' MotionAdapter format (no temporal_transformer in its keys); "
                          f"use the original AnimateDiff file (mm_sd_v15_v2.ckpt)")
@@ -374,27 +304,8 @@ def _copy(plan: list) -> None:
         target.copy_(source)
 
 
-def _few(items, n: int = 5) -> str:
-    items = list(items)
-    return f"[{', '.join(map(str, items[:n]))}{', ...' if len(items) > n else ''}] ({len(items)})"
-
-
 def _by_note(pairs) -> dict:
     out = {}
     for key, note in pairs:
         out.setdefault(note, []).append(key)
     return out
-
-
-def _groups(keys) -> str:
-    """Keys counted by kind, e.g. 'backbone.*.audio_modules (40), face_locator (8)'."""
-    kinds = ("speed_attention", "motion_modules", "audio_modules", "attn2", "norm2")
-
-    def kind(key: str) -> str:
-        parts = key.split(".")
-        found = next((k for k in kinds if k in parts), None)
-        if found:
-            return f"{parts[0]}.*.{found}"
-        return ".".join(parts[:2]) if parts[0] in ("reference_net", "backbone") else parts[0]
-
-    return ", ".join(f"{k} ({n})" for k, n in Counter(map(kind, keys)).items())

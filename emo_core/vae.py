@@ -48,6 +48,15 @@ class DiffusersVAE:
         return torch.cat(out)
 
 
+def random_vae(tiny: bool, dtype=torch.float32, device="cpu", seed: int = 0) -> DiffusersVAE:
+    """A randomly initialised VAE of the SD1.5 layout (sd-vae-ft-mse), or a tiny one for tiny models."""
+    torch.manual_seed(seed)
+    blocks = (16, 16, 32, 32) if tiny else (128, 256, 512, 512)
+    vae = AutoencoderKL(block_out_channels=blocks, norm_num_groups=8 if tiny else 32, layers_per_block=1 if tiny else 2,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    return DiffusersVAE(vae.to(device=device, dtype=dtype).eval())
+
+
 def _find_config(weights: Path) -> Path:
     for candidate in (weights.with_suffix(".json"), weights.parent / f"{weights.stem}_config.json",
                       weights.parent / "vae_config.json", weights.parent / "config.json"):

@@ -10,7 +10,6 @@ Two forms, chosen by `AudioConfig.module`:
 
 from __future__ import annotations
 
-import torch
 from einops import rearrange
 from torch import nn
 

@@ -1,0 +1,96 @@
+"""Streaming mp4 writer with PyAV (no ffmpeg subprocess): H.264 (yuv420p) + AAC, exact frame rate.
+
+Frames are written clip by clip as they are generated, so a long video never sits in memory; the audio track is
+trimmed or zero-padded to the video's duration when the file is closed.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class VideoWriter:
+    def __init__(self, path, fps: float, audio: torch.Tensor | None = None, sample_rate: int = 16000,
+                 crf: int = 18, metadata: dict | None = None):
+        """audio: (n,) mono or (channels, n) float in [-1, 1] at `sample_rate`, or None for a silent video."""
+        import av
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fps = Fraction(fps).limit_denominator(1001)
+        self.crf, self.frames = crf, 0
+        self.audio = None if audio is None else np.atleast_2d(np.asarray(audio, dtype=np.float32))
+        self.sample_rate = sample_rate
+        self.container = av.open(str(self.path), mode="w")
+        for key, value in (metadata or {}).items():
+            self.container.metadata[key] = str(value)
+        self.video = self.audio_stream = None
+        self.audio_written = 0  # samples of audio already encoded
+
+    def write(self, frames: torch.Tensor) -> None:
+        """frames: (N, H, W, 3) in [0, 1] (ComfyUI IMAGE layout) or (N, 3, H, W)."""
+        import av
+
+        if frames.ndim != 4:
+            raise ValueError(f"frames must be (N, H, W, 3) or (N, 3, H, W), got {tuple(frames.shape)}")
+        if frames.shape[-1] != 3:
+            frames = frames.permute(0, 2, 3, 1)
+        pixels = (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        if self.video is None:
+            height, width = pixels.shape[1:3]
+            self.video = self.container.add_stream("libx264", rate=self.fps)
+            self.video.width, self.video.height = width + width % 2, height + height % 2  # yuv420p: even sizes
+            self.video.pix_fmt = "yuv420p"
+            self.video.options = {"crf": str(self.crf), "preset": "medium"}
+            if self.audio is not None:
+                self.audio_stream = self.container.add_stream("aac", rate=self.sample_rate)
+                self.audio_stream.layout = "mono" if self.audio.shape[0] == 1 else "stereo"
+                self.audio = self.audio[:2]
+        for image in pixels:
+            if image.shape[0] % 2 or image.shape[1] % 2:
+                image = np.pad(image, ((0, image.shape[0] % 2), (0, image.shape[1] % 2), (0, 0)), mode="edge")
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            frame.pts = self.frames
+            self.container.mux(self.video.encode(frame))
+            self.frames += 1
+        if self.audio_stream is not None:
+            self._write_audio(until=int(self.frames / self.fps * self.sample_rate) // 1024 * 1024)
+
+    def close(self) -> Path:
+        if self.video is None:
+            self.container.close()
+            raise ValueError("no frames were written")
+        self.container.mux(self.video.encode(None))
+        if self.audio_stream is not None:
+            self._write_audio(until=round(self.frames / self.fps * self.sample_rate))  # trimmed or zero-padded
+            self.container.mux(self.audio_stream.encode(None))
+        self.container.close()
+        return self.path
+
+    def _write_audio(self, until: int):
+        """Encode audio samples [audio_written, until), zero-padded past the end of the track (interleaved with
+        the video as clips arrive)."""
+        import av
+
+        layout = self.audio_stream.layout.name
+        while self.audio_written < until:
+            start, stop = self.audio_written, min(self.audio_written + 1024, until)
+            chunk = self.audio[:, start:stop]
+            chunk = np.pad(chunk, ((0, 0), (0, stop - start - chunk.shape[1])))
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp", layout=layout)
+            frame.sample_rate, frame.pts = self.sample_rate, start
+            self.container.mux(self.audio_stream.encode(frame))
+            self.audio_written = stop
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        if kind is None:
+            self.close()
+        else:
+            self.container.close()
