@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import nn
 
 from .layers import Attention, FeedForward, zero_module
@@ -61,11 +61,13 @@ class SpeedAttention(nn.Module):
                               dtype=dtype, device=device, operations=operations)
         zero_module(self.attn.to_out[0])
 
-    def forward(self, h, speed, positions: int):
+    def forward(self, h, speed):
         # h: (B·h·w, F, C) clip-frame tokens; speed: (B, F, K, D) speed tokens per clip frame.
-        q = rearrange(self.norm(h), "(b s) f c -> (b s f) 1 c", b=speed.shape[0])
-        kv = repeat(speed, "b f k d -> (b s f) k d", s=positions)
-        return rearrange(self.attn(q, kv), "(b s f) 1 c -> (b s) f c", b=speed.shape[0], s=positions)
+        # All spatial positions of a frame share that frame's speed tokens: attend per (row, frame).
+        b, f = speed.shape[:2]
+        q = rearrange(self.norm(h), "(b s) f c -> (b f) s c", b=b)
+        out = self.attn(q, rearrange(speed, "b f k d -> (b f) k d"))
+        return rearrange(out, "(b f) s c -> (b s) f c", f=f)
 
 
 class TemporalTransformerBlock(nn.Module):
@@ -79,13 +81,13 @@ class TemporalTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, **kw)
         self.ff_norm = operations.LayerNorm(dim, dtype=dtype, device=device)
 
-    def forward(self, h, motion_frames: int, speed=None, positions: int = 1):
+    def forward(self, h, motion_frames: int, speed=None):
         # h: (B·h·w, M+F, C)
         for attn, norm in zip(self.attention_blocks, self.norms):
             h = h + attn(norm(h))
         if self.speed_attention is not None and speed is not None:
             clip = h[:, motion_frames:]
-            h = torch.cat([h[:, :motion_frames], clip + self.speed_attention(clip, speed, positions)], dim=1)
+            h = torch.cat([h[:, :motion_frames], clip + self.speed_attention(clip, speed)], dim=1)
         return h + self.ff(self.ff_norm(h))
 
 
@@ -104,7 +106,7 @@ class TemporalTransformer(nn.Module):
         b, _, t, height, width = x.shape
         h = self.norm(rearrange(x, "b c t y x -> (b t) c y x"))
         h = self.proj_in(rearrange(h, "(b t) c y x -> (b y x) t c", b=b))
-        h = self.transformer_blocks[0](h, motion_frames, speed, positions=height * width)
+        h = self.transformer_blocks[0](h, motion_frames, speed)
         h = rearrange(self.proj_out(h), "(b y x) t c -> b c t y x", b=b, y=height, x=width)
         return h + x
 
