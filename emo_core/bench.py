@@ -19,7 +19,7 @@ import time
 import torch
 
 from .config import PRESETS, preset
-from .sampler import GenerationInputs, SamplerSettings, SamplerStats, generate
+from .sampler import GenerationInputs, SamplerSettings, SamplerStats, encode_reference, generate
 from .vae import random_vae
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -75,8 +75,6 @@ def main(argv=None) -> dict:
     cfg = model.cfg
     tiny = cfg.unet.block_out_channels[0] < 320
     size = args.size or (64 if tiny else 512)
-    if size % 8:
-        sys.exit(f"--size must be a multiple of 8, got {size}")
     frames = args.frames_per_clip or cfg.frames_per_clip
     if args.vae:
         from .vae import DiffusersVAE
@@ -91,7 +89,7 @@ def main(argv=None) -> dict:
     mask = torch.zeros(cfg.face_locator.in_channels, size, size)
     mask[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
     inputs = GenerationInputs(
-        reference_latent=vae.encode(image.to(device)),
+        reference_latent=encode_reference(vae, image.to(device=device, dtype=dtype)),
         audio_features=torch.randn(total, cfg.audio.layers, cfg.audio.channels, generator=g),
         face_mask=mask, speed=2.0 if cfg.speed else None,
         identity_embedding=torch.randn(cfg.identity_dim, generator=g) if cfg.identity_tokens else None)

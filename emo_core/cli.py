@@ -60,7 +60,7 @@ def load_image(path, size: int) -> torch.Tensor:
 
 def run_generate(args) -> Path:
     from .audio import Wav2Vec2Features, load_audio, random_audio_encoder
-    from .sampler import GenerationInputs, SamplerSettings, generate
+    from .sampler import GenerationInputs, SamplerSettings, encode_reference, generate
     from .video import VideoWriter
     from .vae import DiffusersVAE, random_vae
 
@@ -89,8 +89,6 @@ def run_generate(args) -> Path:
         encoder = random_audio_encoder(cfg.audio.layers, cfg.audio.channels)
         size = args.size or 64
     cfg = model.cfg
-    if size % 8:
-        raise SystemExit(f"--size must be a multiple of 8, got {size}")
     fps = args.fps or cfg.fps
 
     waveform = load_audio(args.audio)
@@ -98,7 +96,7 @@ def run_generate(args) -> Path:
     image = load_image(args.image, size).to(device=device, dtype=dtype)
     mask = torch.zeros(cfg.face_locator.in_channels, size, size)
     mask[:, size // 8: size * 7 // 8, size // 6: size * 5 // 6] = 1  # centred face box until face detection lands
-    inputs = GenerationInputs(reference_latent=vae.encode(image), audio_features=features, face_mask=mask,
+    inputs = GenerationInputs(reference_latent=encode_reference(vae, image), audio_features=features, face_mask=mask,
                               speed=args.speed if cfg.speed else None, num_frames=audio_length)
     settings = SamplerSettings(steps=args.steps, guidance_scale=args.cfg, seed=args.seed, scheduler=args.scheduler)
 

@@ -50,6 +50,20 @@ class LatentCodec(Protocol):
         ...
 
 
+def encode_reference(codec: LatentCodec, image: torch.Tensor) -> torch.Tensor:
+    """The portrait (1, 3, H, W) in [-1, 1] -> its scaled VAE latent (1, 4, H/8, W/8), with a clear error for sizes
+    the VAE and the UNet cannot take."""
+    if image.ndim != 4 or image.shape[:2] != (1, 3):
+        raise EMOInputError(f"reference image must be (1, 3, H, W) RGB, got {tuple(image.shape)}")
+    height, width = image.shape[-2:]
+    if height % 8 or width % 8:
+        raise EMOInputError(f"reference image is {width}x{height}: width and height must be multiples of 8; "
+                            f"crop or resize it (e.g. to {width // 8 * 8}x{height // 8 * 8})")
+    if height < 64 or width < 64:
+        raise EMOInputError(f"reference image is {width}x{height}: at least 64x64 is needed")
+    return codec.encode(image)
+
+
 @dataclass
 class GenerationInputs:
     reference_latent: torch.Tensor  # (1, 4, h, w) scaled VAE latent of the portrait
@@ -127,23 +141,18 @@ def generate(model, inputs: GenerationInputs, settings: SamplerSettings = Sample
 
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     motion_latents = None  # (M, 4, h, w) of the previous clip
+    face = None
     for c in range(clips):
         start = c * frames
         with torch.no_grad():
-            audio_tokens = model.audio_proj(windows[start:start + frames][None])  # (1, F, K, D)
-            if "audio" in drop:
-                audio_tokens = torch.cat([torch.zeros_like(audio_tokens), audio_tokens])
-            face = None
-            if inputs.face_mask is not None and (c == 0 or inputs.face_mask.ndim == 4):
-                face_cond = _face_features(model, inputs.face_mask, start, frames, dtype, device)
-            if inputs.face_mask is not None:
-                face = torch.cat([torch.zeros_like(face_cond), face_cond]) if "face_locator" in drop \
-                    else face_cond.expand(rows, -1, -1, -1, -1)
+            audio_tokens = _cfg_rows(model.audio_proj(windows[start:start + frames][None]), "audio" in drop, rows)
+            if inputs.face_mask is not None and (face is None or inputs.face_mask.ndim == 4):
+                face = _cfg_rows(_face_features(model, inputs.face_mask, start, frames, dtype, device),
+                                 "face_locator" in drop, rows)
             bank = _reference_bank(model, reference_latent, motion_latents, motion, identity, groups, rows, stats)
             cond = UNetConditions(
-                context=identity, bank=bank, use_reference=use_reference,
-                audio=audio_tokens.expand(rows, -1, -1, -1).flatten(0, 1), region_masks=region_masks,
-                motion_scale=tuple(float(s) for s in inputs.motion_scale),
+                context=identity, bank=bank, use_reference=use_reference, audio=audio_tokens.flatten(0, 1),
+                region_masks=region_masks, motion_scale=tuple(float(s) for s in inputs.motion_scale),
                 speed=_speed_tokens(model, speed, start, frames, rows))
 
         scheduler = make_scheduler(settings.scheduler, cfg.scheduler)
@@ -171,6 +180,13 @@ def generate(model, inputs: GenerationInputs, settings: SamplerSettings = Sample
         kept = min(frames, keep - start)
         yield Clip(index=c, count=clips, first_frame=start, latents=latents[:, :, :kept])
         del cond, bank, latents
+
+
+def _cfg_rows(x: torch.Tensor, drop: bool, rows: int) -> torch.Tensor:
+    """One conditional row (1, ...) -> the CFG rows: [zeros, x] when the unconditional row drops it, else x repeated."""
+    if rows == 2 and drop:
+        return torch.cat([torch.zeros_like(x), x])
+    return x.expand(rows, *x.shape[1:])
 
 
 def _validate(model, inputs: GenerationInputs, frames: int, motion: int, codec):
@@ -249,7 +265,7 @@ def _speed_tokens(model, speed, start: int, frames: int, rows: int):
     m = model.cfg.speed.window
     idx = torch.arange(start - m, start + frames + m, device=speed.device).clamp(0, speed.shape[0] - 1)
     tokens = model.speed_encoder(speed[idx][None])[:, m:m + frames]  # (1, F, K, D): windows fully inside the slice
-    return tokens.expand(rows, -1, -1, -1)
+    return _cfg_rows(tokens, False, rows)  # the speed is kept in both rows
 
 
 def _identity_tokens(model, inputs, drop: set, rows: int):

@@ -11,7 +11,7 @@ from emo_core.models.emo import EMONet
 from emo_core.models.unet import UNetConditions
 from emo_core.random_weights import randomize_
 from emo_core.sampler import (EMOInputError, GenerationCancelled, GenerationInputs, SamplerSettings, SamplerStats,
-                              generate)
+                              encode_reference, generate)
 
 LATENT = 8  # 64x64 images
 
@@ -200,6 +200,8 @@ def test_bad_inputs_have_clear_errors(emo):
             run(emo, dataclasses.replace(base, **change))
     with pytest.raises(EMOInputError, match="scheduler"):
         run(emo, base, scheduler="euler_magic")
+    with pytest.raises(EMOInputError, match="multiples of 8"):
+        encode_reference(PixelCodec(), torch.zeros(1, 3, 100, 128))
 
 
 def test_config_round_trips_through_json():
