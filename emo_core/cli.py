@@ -102,9 +102,12 @@ def run_generate(args) -> Path:
 
     started = time.perf_counter()
 
+    tty = sys.stderr.isatty()
+
     def progress(step, total, clip, clips):
-        print(f"\r[emo] clip {clip + 1}/{clips}  step {step}/{total}  {time.perf_counter() - started:.1f}s",
-              end="", file=sys.stderr, flush=True)
+        if tty or step % (total // clips) == 0:  # a log file gets one line per clip
+            print(f"{chr(13) if tty else ''}[emo] clip {clip + 1}/{clips}  step {step}/{total}  "
+                  f"{time.perf_counter() - started:.1f}s", end="" if tty else "\n", file=sys.stderr, flush=True)
 
     metadata = {"comment": f"EMO for ComfyUI; seed {args.seed}; checkpoint {args.checkpoint or 'tiny random'}"}
     with VideoWriter(args.out, fps, audio=waveform.numpy(), sample_rate=16000, metadata=metadata) as writer:
