@@ -77,10 +77,7 @@ class Block(nn.Module):
             x = resnet(x, temb)
             motion = None
             if hasattr(self, "attentions"):
-                x, motion = self.attentions[j](x, cond.context, *_bank_of(self.attentions[j], cond), frames=cond.frames)
-                if cond.bank is None:
-                    cond.written.append(motion)
-                    motion = None
+                x, motion = _spatial(self.attentions[j], x, cond)
             if hasattr(self, "audio_modules"):
                 x = self.audio_modules[j](x, cond.audio, region_masks=cond.region_masks,
                                           motion_scale=cond.motion_scale)
@@ -113,19 +110,21 @@ class MidBlock(nn.Module):
 
     def forward(self, x, temb, cond: UNetConditions):
         x = self.resnets[0](x, temb)
-        x, motion = self.attentions[0](x, cond.context, *_bank_of(self.attentions[0], cond), frames=cond.frames)
-        if cond.bank is None:
-            cond.written.append(motion)
+        x, motion = _spatial(self.attentions[0], x, cond)
         if hasattr(self, "audio_modules"):
             x = self.audio_modules[0](x, cond.audio, region_masks=cond.region_masks, motion_scale=cond.motion_scale)
             x = self.motion_modules[0](x, cond.frames, motion, cond.speed)
         return self.resnets[1](x, temb)
 
 
-def _bank_of(transformer: SpatialTransformer, cond: UNetConditions):
+def _spatial(transformer: SpatialTransformer, x, cond: UNetConditions):
+    """Run a spatial transformer. Without a bank (ReferenceNet) it writes its reference feature; with one (Backbone)
+    it reads its paired entry and returns the motion-frame features (B, C, M, h, w) for the temporal module."""
     if cond.bank is None:
-        return None, None
-    return cond.bank[transformer.bank_index], cond.use_reference
+        x, feature = transformer(x, cond.context, frames=cond.frames)
+        cond.written.append(feature)
+        return x, None
+    return transformer(x, cond.context, cond.bank[transformer.bank_index], cond.use_reference, frames=cond.frames)
 
 
 class UNet(nn.Module):
