@@ -86,8 +86,8 @@ def main(argv=None) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     image = torch.rand(1, 3, size, size, generator=g) * 2 - 1
     total = frames * args.clips
-    mask = torch.zeros(cfg.face_locator.in_channels, size, size)
-    mask[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
+    mask = torch.zeros(1, cfg.face_locator.in_channels, size, size)
+    mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
     inputs = GenerationInputs(
         reference_latent=encode_reference(vae, image.to(device=device, dtype=dtype)),
         audio_features=torch.randn(total, cfg.audio.layers, cfg.audio.channels, generator=g),

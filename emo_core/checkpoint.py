@@ -115,16 +115,16 @@ def describe(state: dict, metadata: dict | None = None) -> str:
     elif "conv_in.weight" in state and has("down_blocks.0.resnets.0."):
         guess = "diffusers-format UNet weights"
     else:
-        return f"an unknown state dict, keys {_few(sorted(keys))}"
-    return f"{guess}; keys {_few(sorted(keys))}"
+        return f"an unknown state dict, keys {few(sorted(keys))}"
+    return f"{guess}; keys {few(sorted(keys))}"
 
 
-def _few(items, n: int = 5) -> str:
+def few(items, n: int = 5) -> str:
     items = list(items)
     return f"[{', '.join(map(str, items[:n]))}{', ...' if len(items) > n else ''}] ({len(items)})"
 
 
-def _groups(keys) -> str:
+def group_keys(keys) -> str:
     """Keys counted by kind, e.g. 'backbone.*.audio_modules (40), face_locator (8)'."""
     kinds = ("speed_attention", "motion_modules", "audio_modules", "attn2", "norm2")
 
@@ -161,7 +161,7 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, source: str, look
         parts = [f"{source} does not match the EMO model it should build; the file looks like {looks_like}."]
         for name, items in (("missing", missing), ("unexpected", unexpected)):
             if items:
-                parts.append(f"{len(items)} {name} keys in {_groups(items)}, e.g. {items[0]}")
+                parts.append(f"{len(items)} {name} keys in {group_keys(items)}, e.g. {items[0]}")
         if shapes:
             parts.append(f"{len(shapes)} with another shape, e.g. " + "; ".join(shapes[:3]))
         parts.append("Is this the right file for this config? A Hallo checkpoint that is not SD1.5-sized needs its "
@@ -170,16 +170,19 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, source: str, look
 
 
 def _sidecar_config(path: Path) -> EMOConfig | None:
-    own = path.with_suffix(".emo.json")
-    if own.is_file():
-        return EMOConfig.from_json(own.read_text())
-    hallo = path.parent / "config.json"
-    if hallo.is_file():
-        data = json.loads(hallo.read_text())
-        voc = data.get("hallo_vocabulary")
-        if voc:
-            return from_hallo_configs(voc["stable_diffusion_unet_config.json"], voc["inference_yaml"],
-                                      voc["AudioProjModel"], voc["ImageProjModel"], voc.get("FaceLocator"))
+    """The config beside a checkpoint: `<name>.emo.json` (ours) or a `config.json` in Hallo vocabulary."""
+    own, hallo = path.with_suffix(".emo.json"), path.parent / "config.json"
+    try:
+        if own.is_file():
+            return EMOConfig.from_json(own.read_text())
+        if hallo.is_file():
+            voc = json.loads(hallo.read_text()).get("hallo_vocabulary")
+            if voc:
+                return from_hallo_configs(voc["stable_diffusion_unet_config.json"], voc["inference_yaml"],
+                                          voc["AudioProjModel"], voc["ImageProjModel"], voc.get("FaceLocator"))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"the config beside {path.name} ({own.name if own.is_file() else hallo.name}) is "
+                              f"not a valid EMO or Hallo config: {type(e).__name__}: {e}") from e
     return None
 
 
@@ -190,17 +193,22 @@ def load_checkpoint(path, config: EMOConfig | None = None) -> tuple[EMOConfig, d
     state_dict, metadata = read_state_dict(path)
     looks_like = describe(state_dict, metadata)
     if metadata.get("format") == FORMAT_TAG:
-        own = EMOConfig.from_json(metadata["emo_config"])
+        try:
+            own = EMOConfig.from_json(metadata["emo_config"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path.name}: its embedded EMO config is missing or invalid ({e}); the file was "
+                                  f"not written by this pack or is damaged") from e
         looks_like = f"an EMO checkpoint of config {own.name!r} ({'x'.join(map(str, own.unet.block_out_channels))})"
         return config or own, state_dict, looks_like
     if looks_like == "a Hallo net.pth":
         if config is None:
             config = _sidecar_config(path)
         if config is None:
-            width = tuple(state_dict["denoising_unet.conv_in.weight"].shape[:1])
-            if width != (320,):
-                raise CheckpointError(f"{path.name} is a Hallo checkpoint of width {width[0]} (not SD1.5); its "
-                                      f"config is needed beside it as {path.with_suffix('.emo.json').name}")
+            conv_in = state_dict.get("denoising_unet.conv_in.weight")
+            if conv_in is None or conv_in.shape[0] != 320:
+                width = "unknown width" if conv_in is None else f"width {conv_in.shape[0]}"
+                raise CheckpointError(f"{path.name} is a Hallo checkpoint of {width} (not SD1.5); its config is "
+                                      f"needed beside it as {path.with_suffix('.emo.json').name}")
             config = preset("hallo")
         return config, hallo_to_emo(state_dict), looks_like
     raise CheckpointError(f"{path.name} is not an EMO or Hallo checkpoint: it looks like {looks_like}.")
@@ -213,11 +221,12 @@ def build_model(config: EMOConfig, state_dict: dict | None = None, source: str =
 
     if state_dict is None:
         return EMONet(config, dtype=dtype, device=device, operations=operations)
-    with torch.device("meta"):
-        probe = EMONet(config)
-    check_state_dict(probe, state_dict, source, looks_like)
-    model = EMONet(config, dtype=dtype, device=device, operations=operations)
-    model.load_state_dict(state_dict, strict=True)
+    with torch.device("meta"):  # no memory and no random init for weights that are loaded next
+        model = EMONet(config, dtype=dtype, operations=operations)
+    check_state_dict(model, state_dict, source, looks_like)
+    target = model.state_dict()
+    tensors = {k: v.to(device=device, dtype=target[k].dtype) for k, v in state_dict.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
     return model
 
 

@@ -94,8 +94,8 @@ def run_generate(args) -> Path:
     waveform = load_audio(args.audio)
     features, audio_length = encoder(waveform.to(encoder.model.device), fps=fps, clip_length=cfg.frames_per_clip)
     image = load_image(args.image, size).to(device=device, dtype=dtype)
-    mask = torch.zeros(cfg.face_locator.in_channels, size, size)
-    mask[:, size // 8: size * 7 // 8, size // 6: size * 5 // 6] = 1  # centred face box until face detection lands
+    mask = torch.zeros(1, cfg.face_locator.in_channels, size, size)
+    mask[..., size // 8: size * 7 // 8, size // 6: size * 5 // 6] = 1  # centred face box until face detection lands
     inputs = GenerationInputs(reference_latent=encode_reference(vae, image), audio_features=features, face_mask=mask,
                               speed=args.speed if cfg.speed else None, num_frames=audio_length)
     settings = SamplerSettings(steps=args.steps, guidance_scale=args.cfg, seed=args.seed, scheduler=args.scheduler)

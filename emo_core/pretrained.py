@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import _few, _groups, describe, read_state_dict
+from .checkpoint import describe, few, group_keys, read_state_dict
 
 LDM_PREFIX = "model.diffusion_model."
 UNET_PREFIXES = ("reference_net.", "backbone.")
@@ -47,16 +47,16 @@ class InitReport:
         loaded = ", ".join(f"{len(keys)} tensors into {prefix}*" for prefix, keys in self.loaded.items())
         lines = [f"weights from {self.source}", f"  loaded: {loaded}"]
         if self.no_home:
-            lines.append(f"  no home in the model, ignored ({len(self.no_home)}): {_groups(self.no_home)}")
+            lines.append(f"  no home in the model, ignored ({len(self.no_home)}): {group_keys(self.no_home)}")
         if self.mismatched:
             key, theirs, ours = self.mismatched[0]
             lines.append(f"  shape mismatch, model keeps its own ({len(self.mismatched)}): "
-                         f"{_groups(k for k, _, _ in self.mismatched)}; e.g. {key}: file {theirs}, model {ours}")
+                         f"{group_keys(k for k, _, _ in self.mismatched)}; e.g. {key}: file {theirs}, model {ours}")
         for note, keys in _by_note(self.adapted).items():
-            lines.append(f"  copied in part ({len(keys)}): {_groups(keys)}: {note}")
+            lines.append(f"  copied in part ({len(keys)}): {group_keys(keys)}: {note}")
         if self.left_at_init:
             lines.append(f"  left at the model's own initialisation ({len(self.left_at_init)}): "
-                         f"{_groups(self.left_at_init)}")
+                         f"{group_keys(self.left_at_init)}")
         return "\n".join(lines)
 
 
@@ -186,7 +186,7 @@ def _check_complete(weights: dict, config: dict, source, unconverted=()) -> None
     wrong = [f"{k} {tuple(weights[k].shape)} (expected {expected[k]})" for k in expected
              if weights.get(k) is not None and tuple(weights[k].shape) != expected[k]]
     if missing or unexpected or wrong:
-        parts = [f"{name} {_few(keys, 3)}" for name, keys in
+        parts = [f"{name} {few(keys, 3)}" for name, keys in
                  (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise ValueError(f"{source} is not a complete SD1.5-layout UNet: " + "; ".join(parts))
 
@@ -281,7 +281,7 @@ def init_motion_modules(model: nn.Module, path, strict: bool = True) -> InitRepo
         report.loaded["backbone."].append(name)
     missing = [k for k in targets if k not in weights]
     if strict and (missing or report.no_home or report.mismatched):
-        parts = [f"{what} {_few(keys, 3)}" for what, keys in (
+        parts = [f"{what} {few(keys, 3)}" for what, keys in (
             ("missing", missing), ("unexpected", [k.removeprefix("backbone.") for k in report.no_home]),
             ("wrong shape", [f"{k} file {a} model {b}" for k, a, b in report.mismatched])) if keys]
         hint = ""

@@ -68,7 +68,7 @@ def encode_reference(codec: LatentCodec, image: torch.Tensor) -> torch.Tensor:
 class GenerationInputs:
     reference_latent: torch.Tensor  # (1, 4, h, w) scaled VAE latent of the portrait
     audio_features: torch.Tensor  # (S, layers, channels): wav2vec2 features, one vector per video frame and layer
-    face_mask: torch.Tensor | None = None  # (C, 8h, 8w) or (S, C, 8h, 8w) in [0, 1]; C = face locator input channels
+    face_mask: torch.Tensor | None = None  # (1 or S, C, 8h, 8w) in [0, 1]; C = face locator input channels (1 or 3)
     identity_embedding: torch.Tensor | None = None  # (identity_dim,) face-identity embedding (Hallo)
     speed: float | torch.Tensor | None = None  # head rotation speed, degrees per frame: a number or (S,)
     region_masks: dict | None = None  # Hallo: {"full"|"face"|"lip": [per UNet level (L_level,)]}
@@ -111,30 +111,32 @@ def make_scheduler(name: str, config: dict):
 def generate(model, inputs: GenerationInputs, settings: SamplerSettings = SamplerSettings(),
              codec: LatentCodec | None = None, progress: Callable | None = None,
              cancel: Callable[[], bool] | None = None, initial_noise: list | None = None,
-             stats: SamplerStats | None = None) -> Iterator[Clip]:
+             stats: SamplerStats | None = None, device=None, dtype=None) -> Iterator[Clip]:
     """Generate the video clip by clip. `progress(step, total_steps, clip, clips)` is called after every denoising
     step (it may raise to interrupt); `cancel()` returning True stops within one step. `initial_noise`: optional
-    per-clip noise (1, 4, F, h, w) instead of drawing it from the seed."""
+    per-clip noise (1, 4, F, h, w) instead of drawing it from the seed. `device`, `dtype`: where and in what the
+    activations are computed (default: those of the model's weights; ComfyUI passes its own, which can differ
+    from the storage dtype)."""
     cfg = model.cfg
-    device, dtype = model.device, model.dtype
+    device = torch.device(device) if device is not None else model.device
+    dtype = dtype or model.dtype
     stats = stats if stats is not None else SamplerStats()
-    frames = settings.frames_per_clip or cfg.frames_per_clip
-    motion = cfg.motion_frames if settings.motion_frames is None else settings.motion_frames
-    steps = settings.steps or cfg.steps
-    guidance = cfg.guidance_scale if settings.guidance_scale is None else settings.guidance_scale
-    _validate(model, inputs, frames, motion, codec)
+    frames = _default(settings.frames_per_clip, cfg.frames_per_clip)
+    motion = _default(settings.motion_frames, cfg.motion_frames)
+    steps = _default(settings.steps, cfg.steps)
+    guidance = _default(settings.guidance_scale, cfg.guidance_scale)
+    _validate(model, inputs, frames, motion, steps, codec)
 
-    audio = inputs.audio_features.to(device=device, dtype=dtype)
+    audio = inputs.audio_features  # stays where it is: only each clip's windows go to the device
     total = audio.shape[0]
-    keep = min(inputs.num_frames or total, total)
-    clips = math.ceil(total / frames)
+    keep = min(_default(inputs.num_frames, total), total)
+    clips = math.ceil(keep / frames)
     audio = _pad_frames(audio, clips * frames)  # repeat the last frame to fill the last clip
-    windows = frame_windows(audio, cfg.audio.window, dim=0)  # (S', 2m+1, layers, channels)
     speed = _speed_sequence(inputs.speed, total, clips * frames, device)
 
     rows = 2 if guidance != 1.0 else 1  # row 0 unconditional, row 1 conditional
     drop = set(cfg.cfg_uncond) if rows == 2 else set()
-    identity, groups = _identity_tokens(model, inputs, drop, rows)  # (rows, T, D) or None; context groups
+    identity, groups = _identity_tokens(model, inputs, drop, rows, device, dtype)  # (rows, T, D) or None
     reference_latent = inputs.reference_latent.to(device=device, dtype=dtype)
     region_masks = _region_masks(inputs.region_masks, rows * frames, device, dtype)
     use_reference = torch.tensor([("reference" not in drop) or r == rows - 1 for r in range(rows)], device=device)
@@ -145,15 +147,16 @@ def generate(model, inputs: GenerationInputs, settings: SamplerSettings = Sample
     for c in range(clips):
         start = c * frames
         with torch.no_grad():
-            audio_tokens = _cfg_rows(model.audio_proj(windows[start:start + frames][None]), "audio" in drop, rows)
-            if inputs.face_mask is not None and (face is None or inputs.face_mask.ndim == 4):
+            windows = _clip_windows(audio, start, frames, cfg.audio.window).to(device=device, dtype=dtype)
+            audio_tokens = _cfg_rows(model.audio_proj(windows[None]), "audio" in drop, rows)  # (rows, F, K, D)
+            if inputs.face_mask is not None and (face is None or inputs.face_mask.shape[0] > 1):
                 face = _cfg_rows(_face_features(model, inputs.face_mask, start, frames, dtype, device),
                                  "face_locator" in drop, rows)
             bank = _reference_bank(model, reference_latent, motion_latents, motion, identity, groups, rows, stats)
             cond = UNetConditions(
                 context=identity, bank=bank, use_reference=use_reference, audio=audio_tokens.flatten(0, 1),
                 region_masks=region_masks, motion_scale=tuple(float(s) for s in inputs.motion_scale),
-                speed=_speed_tokens(model, speed, start, frames, rows))
+                speed=_speed_tokens(model, speed, start, frames, rows, dtype))
 
         scheduler = make_scheduler(settings.scheduler, cfg.scheduler)
         scheduler.set_timesteps(steps, device=device)
@@ -176,7 +179,8 @@ def generate(model, inputs: GenerationInputs, settings: SamplerSettings = Sample
                 progress(c * steps + i + 1, clips * steps, c, clips)
 
         if motion:
-            motion_latents = _next_motion_frames(cfg, latents[0, :, -motion:].transpose(0, 1), codec, dtype)
+            last = latents[0, :, -motion:].transpose(0, 1)  # (M, 4, h, w)
+            motion_latents = _next_motion_frames(cfg, last, codec).to(device=device, dtype=dtype)
         kept = min(frames, keep - start)
         yield Clip(index=c, count=clips, first_frame=start, latents=latents[:, :, :kept])
         del cond, bank, latents
@@ -189,7 +193,11 @@ def _cfg_rows(x: torch.Tensor, drop: bool, rows: int) -> torch.Tensor:
     return x.expand(rows, *x.shape[1:])
 
 
-def _validate(model, inputs: GenerationInputs, frames: int, motion: int, codec):
+def _default(value, default):
+    return default if value is None else value
+
+
+def _validate(model, inputs: GenerationInputs, frames: int, motion: int, steps: int, codec):
     cfg = model.cfg
     ref = inputs.reference_latent
     if ref.ndim != 4 or ref.shape[0] != 1 or ref.shape[1] != cfg.unet.in_channels:
@@ -207,20 +215,26 @@ def _validate(model, inputs: GenerationInputs, frames: int, motion: int, codec):
     if frames + motion > cfg.motion.max_len:
         raise EMOInputError(f"frames per clip + motion frames = {frames + motion} exceeds the temporal modules' "
                             f"limit of {cfg.motion.max_len}")
-    if frames < 1 or motion < 0:
-        raise EMOInputError(f"frames per clip must be >= 1 and motion frames >= 0, got {frames} and {motion}")
+    if frames < 1 or motion < 0 or steps < 1:
+        raise EMOInputError(f"frames per clip and steps must be >= 1 and motion frames >= 0, got {frames}, {steps} "
+                            f"and {motion}")
+    if motion > frames:
+        raise EMOInputError(f"motion frames ({motion}) cannot exceed frames per clip ({frames}): they are the "
+                            f"previous clip's last frames")
+    if inputs.num_frames is not None and inputs.num_frames < 1:
+        raise EMOInputError(f"num_frames must be >= 1, got {inputs.num_frames}")
     if motion and cfg.motion_frames_source == "pixels" and codec is None:
         raise EMOInputError("this model re-encodes motion frames through the VAE (Hallo): pass the VAE as `codec`")
     if inputs.face_mask is not None:
         mask = inputs.face_mask
         size = tuple(s * 8 for s in ref.shape[-2:])
-        if mask.ndim not in (3, 4) or tuple(mask.shape[-2:]) != size:
-            raise EMOInputError(f"face mask must be (C, H, W) or (frames, C, H, W) at the image size {size}, got "
-                                f"{tuple(mask.shape)}")
+        if mask.ndim != 4 or tuple(mask.shape[-2:]) != size:
+            raise EMOInputError(f"face mask must be (1, C, H, W) for the whole video or (frames, C, H, W), at the "
+                                f"image size {size}, got {tuple(mask.shape)}")
         if mask.shape[-3] not in (1, cfg.face_locator.in_channels):
             raise EMOInputError(f"face mask must have 1 or {cfg.face_locator.in_channels} channels, "
                                 f"got {mask.shape[-3]}")
-        if mask.ndim == 4 and mask.shape[0] < feats.shape[0]:
+        if 1 < mask.shape[0] < feats.shape[0]:
             raise EMOInputError(f"per-frame face mask has {mask.shape[0]} frames but the audio has "
                                 f"{feats.shape[0]}; give one mask or one per frame")
     if inputs.region_masks is not None:
@@ -259,23 +273,30 @@ def _speed_sequence(speed, total: int, padded: int, device):
     return _pad_frames(speed, padded)
 
 
-def _speed_tokens(model, speed, start: int, frames: int, rows: int):
+def _clip_windows(audio: torch.Tensor, start: int, frames: int, m: int) -> torch.Tensor:
+    """The ±m windows of one clip's frames, (F, 2m+1, layers, channels): the same as windowing the whole sequence
+    (indices clamped to it), computed from a slice so that long audio never builds all windows at once."""
+    idx = torch.arange(start - m, start + frames + m, device=audio.device).clamp(0, audio.shape[0] - 1)
+    return frame_windows(audio[idx], m, dim=0)[m:m + frames]
+
+
+def _speed_tokens(model, speed, start: int, frames: int, rows: int, dtype):
     if speed is None or not hasattr(model, "speed_encoder"):
         return None
     m = model.cfg.speed.window
     idx = torch.arange(start - m, start + frames + m, device=speed.device).clamp(0, speed.shape[0] - 1)
-    tokens = model.speed_encoder(speed[idx][None])[:, m:m + frames]  # (1, F, K, D): windows fully inside the slice
+    tokens = model.speed_encoder(speed[idx][None], dtype)[:, m:m + frames]  # (1, F, K, D): windows inside the slice
     return _cfg_rows(tokens, False, rows)  # the speed is kept in both rows
 
 
-def _identity_tokens(model, inputs, drop: set, rows: int):
+def _identity_tokens(model, inputs, drop: set, rows: int, device, dtype):
     """Identity tokens per CFG row and the number of distinct contexts (1, or 2 when the unconditional row drops
     the identity)."""
     if not model.cfg.identity_tokens:
         return None, 1
     emb = inputs.identity_embedding
-    zero = torch.zeros(1, model.cfg.identity_dim, device=model.device, dtype=model.dtype)
-    emb = zero if emb is None else emb.reshape(1, -1).to(device=model.device, dtype=model.dtype)
+    zero = torch.zeros(1, model.cfg.identity_dim, device=device, dtype=dtype)
+    emb = zero if emb is None else emb.reshape(1, -1).to(device=device, dtype=dtype)
     if emb.shape[1] != model.cfg.identity_dim:
         raise EMOInputError(f"identity embedding must have {model.cfg.identity_dim} values, got {emb.shape[1]}")
     with torch.no_grad():
@@ -285,8 +306,9 @@ def _identity_tokens(model, inputs, drop: set, rows: int):
 
 
 def _face_features(model, mask, start: int, frames: int, dtype, device):
-    """Face-locator features (1, Cf, F, h, w) of one mask (C, H, W) or of the clip's per-frame masks (S, C, H, W)."""
-    mask = mask[None] if mask.ndim == 3 else _pad_frames(mask[start:start + frames], frames)
+    """Face-locator features (1, Cf, F, h, w) of one mask (1, C, H, W) or of the clip's per-frame masks (S, C, H, W)."""
+    if mask.shape[0] > 1:
+        mask = _pad_frames(mask[start:start + frames], frames)
     mask = mask.to(device=device, dtype=dtype).expand(-1, model.cfg.face_locator.in_channels, -1, -1)
     with torch.no_grad():
         features = model.face_locator(mask)  # (1 or F, Cf, h, w)
@@ -329,10 +351,9 @@ def _reference_bank(model, reference_latent, motion_latents, motion: int, identi
     return out
 
 
-def _next_motion_frames(cfg, last: torch.Tensor, codec, dtype) -> torch.Tensor:
+def _next_motion_frames(cfg, last: torch.Tensor, codec) -> torch.Tensor:
     """The previous clip's last M frames as latents (M, 4, h, w); Hallo decodes and re-encodes them."""
     if cfg.motion_frames_source == "pixels":
         with torch.no_grad():
-            pixels = codec.decode(last.to(dtype))  # [0, 1]
-            return codec.encode(pixels * 2 - 1).to(dtype)
-    return last.to(dtype)
+            return codec.encode(codec.decode(last) * 2 - 1)  # decode gives [0, 1]
+    return last

@@ -36,14 +36,14 @@ class DiffusersVAE:
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         # pixels: (N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8)
         with torch.no_grad():
-            return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean * self.scale
+            return self.vae.encode(pixels.to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist.mean * self.scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         # latents: (N, 4, h, w) -> (N, 3, 8h, 8w) in [0, 1], decoded a few frames at a time
         out = []
         with torch.no_grad():
             for chunk in latents.split(self.decode_batch):
-                x = self.vae.decode(chunk.to(self.vae.dtype) * (1 / self.scale)).sample
+                x = self.vae.decode(chunk.to(device=self.vae.device, dtype=self.vae.dtype) * (1 / self.scale)).sample
                 out.append((x / 2 + 0.5).clamp(0, 1))
         return torch.cat(out)
 

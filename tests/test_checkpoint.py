@@ -53,12 +53,17 @@ def test_a_checkpoint_of_another_model_names_the_keys(tmp_path):
     assert "image_proj (4)" in str(err.value) and "config 'tiny'" in str(err.value)
 
 
-def test_truncated_file_is_reported(tmp_path, hallo_fixture):
+def test_truncated_files_are_reported(tmp_path, hallo_fixture):
     data = (hallo_fixture / "net.safetensors").read_bytes()
     path = tmp_path / "net.safetensors"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(path)
+    pth = tmp_path / "net.pth"
+    torch.save(load_file(hallo_fixture / "net.safetensors"), pth)
+    pth.write_bytes(pth.read_bytes()[:100_000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(pth)
 
 
 class Evil:

@@ -106,7 +106,7 @@ def test_pipeline_matches_hallo(hallo_fixture, model):
     torch.testing.assert_close(reference, data["clip0.ref_latents"][:1], atol=1e-5, rtol=0)
     inputs = GenerationInputs(
         reference_latent=reference, audio_features=data["input.audio_features"],
-        face_mask=data["input.face_region_mask"], identity_embedding=data["input.face_emb"],
+        face_mask=data["input.face_region_mask"][None], identity_embedding=data["input.face_emb"],
         region_masks=region_masks(data), motion_scale=tuple(data["input.motion_scale"].tolist()),
         num_frames=int(data["input.audio_length"]))
     stats = SamplerStats()

@@ -2,10 +2,13 @@
 the zero-initialised layers leave a fresh Backbone unchanged, sampling is deterministic, cancellable and bounded."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from emo_core.checkpoint import load_model, save_checkpoint
 from emo_core.config import EMOConfig, preset
 from emo_core.models.emo import EMONet
 from emo_core.models.unet import UNetConditions
@@ -27,7 +30,7 @@ def inputs_for(model, frames=8, seed=1, **overrides):
     base = dict(
         reference_latent=torch.randn(1, 4, LATENT, LATENT, generator=g),
         audio_features=torch.randn(frames, cfg.audio.layers, cfg.audio.channels, generator=g),
-        face_mask=(torch.rand(cfg.face_locator.in_channels, LATENT * 8, LATENT * 8, generator=g) > 0.5).float(),
+        face_mask=(torch.rand(1, cfg.face_locator.in_channels, LATENT * 8, LATENT * 8, generator=g) > 0.5).float(),
         speed=2.0 if cfg.speed else None,
         identity_embedding=torch.randn(cfg.identity_dim, generator=g) if cfg.identity_tokens else None,
     )
@@ -191,15 +194,19 @@ def test_bad_inputs_have_clear_errors(emo):
     cases = [
         (dict(audio_features=base.audio_features[:2]), "shorter than one clip"),
         (dict(audio_features=base.audio_features[:, :1]), "audio features must be"),
-        (dict(face_mask=base.face_mask[:, :10]), "face mask must be"),
+        (dict(face_mask=base.face_mask[:, :, :10]), "face mask must be"),
+        (dict(face_mask=base.face_mask[0]), "face mask must be"),
+        (dict(num_frames=0), "num_frames"),
         (dict(reference_latent=base.reference_latent[0]), "reference latent must be"),
         (dict(speed=torch.ones(3)), "speed must be"),
     ]
     for change, message in cases:
         with pytest.raises(EMOInputError, match=message):
             run(emo, dataclasses.replace(base, **change))
-    with pytest.raises(EMOInputError, match="scheduler"):
-        run(emo, base, scheduler="euler_magic")
+    for settings, message in [(dict(scheduler="euler_magic"), "scheduler"), (dict(steps=0), "steps must be"),
+                              (dict(frames_per_clip=1, motion_frames=2), "cannot exceed frames per clip")]:
+        with pytest.raises(EMOInputError, match=message):
+            run(emo, base, **settings)
     with pytest.raises(EMOInputError, match="multiples of 8"):
         encode_reference(PixelCodec(), torch.zeros(1, 3, 100, 128))
 
@@ -210,3 +217,79 @@ def test_config_round_trips_through_json():
         assert EMOConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="unknown fields"):
         EMOConfig.from_dict({"name": "x", "wings": 2})
+
+
+class CastOps:
+    """An `operations` namespace like ComfyUI's manual-cast ops: weights stay in their storage dtype and are cast
+    to the activations' dtype and device at every call."""
+
+    class Linear(torch.nn.Linear):
+        def forward(self, x):
+            return F.linear(x, self.weight.to(x), None if self.bias is None else self.bias.to(x))
+
+    class Conv2d(torch.nn.Conv2d):
+        def forward(self, x):
+            return self._conv_forward(x, self.weight.to(x), None if self.bias is None else self.bias.to(x))
+
+    class GroupNorm(torch.nn.GroupNorm):
+        def forward(self, x):
+            return F.group_norm(x, self.num_groups, self.weight.to(x), self.bias.to(x), self.eps)
+
+    class LayerNorm(torch.nn.LayerNorm):
+        def forward(self, x):
+            return F.layer_norm(x, self.normalized_shape, self.weight.to(x), self.bias.to(x), self.eps)
+
+
+@pytest.mark.parametrize("name", ["tiny", "hallo-tiny"])
+def test_operations_namespace_with_weights_stored_in_another_dtype(tmp_path, name):
+    reference = tiny_model(name)
+    save_checkpoint(reference, tmp_path / "model.safetensors")
+    cast = load_model(tmp_path / "model.safetensors", dtype=torch.bfloat16, operations=CastOps).eval()
+    assert {p.dtype for p in cast.parameters()} == {torch.bfloat16}
+    assert isinstance(cast.backbone.conv_in, CastOps.Conv2d)
+    with torch.no_grad():  # the same weights, rounded to bf16, stored and computed in float32
+        for p in reference.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    inputs = inputs_for(reference)
+    codec = PixelCodec()
+    expected = run(reference, inputs, codec=codec)
+    out = torch.cat([c.latents for c in generate(cast, inputs, SamplerSettings(steps=2), codec=codec,
+                                                 dtype=torch.float32)], dim=2)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)  # computed in float32 from bf16-stored weights
+
+
+def test_motion_frames_carry_the_previous_clip_through_the_sampler(emo):
+    frames, m = emo.cfg.frames_per_clip, emo.cfg.audio.window
+    base = inputs_for(emo, frames=2 * frames)
+    audio = base.audio_features.clone()
+    audio[: frames - m] += 3  # changes clip 1 only: clip 2's audio windows start at frame F - m
+    changed = dataclasses.replace(base, audio_features=audio)
+    for motion, depends in ((0, False), (2, True)):
+        a = run(emo, base, motion_frames=motion)[:, :, frames:]
+        b = run(emo, changed, motion_frames=motion)[:, :, frames:]
+        assert ((a - b).abs().max() > 1e-3) == depends, f"motion_frames={motion}"
+
+
+def test_clips_are_produced_lazily_and_cut_to_num_frames(emo):
+    frames = emo.cfg.frames_per_clip
+    stats = SamplerStats()
+    clips = generate(emo, inputs_for(emo, frames=5 * frames, num_frames=frames + 1), SamplerSettings(steps=2),
+                     stats=stats)
+    first = next(clips)
+    assert stats.backbone_calls == 2 and first.latents.shape[2] == frames  # nothing beyond the first clip yet
+    rest = list(clips)
+    assert [c.latents.shape[2] for c in rest] == [1] and stats.backbone_calls == 4  # 2 clips, not 5
+
+
+def test_benchmark_prints_one_json_line(capsys):
+    from emo_core.bench import main
+
+    main(["--preset", "tiny", "--clips", "2", "--steps", "1", "--threads", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    for key in ("frames", "clips", "steps", "wall_s", "s_per_frame", "peak_rss_mb", "peak_cuda_mb",
+                "reference_calls", "load_s"):
+        assert key in result, key
+    assert result["frames"] == 2 * preset("tiny").frames_per_clip and result["reference_calls"] == 2

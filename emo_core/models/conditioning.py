@@ -89,8 +89,7 @@ class SpeedEncoder(nn.Module):
                  dtype=None, device=None, operations=nn):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
-        self.register_buffer("centres", torch.tensor(centres, dtype=torch.float32), persistent=False)
-        self.register_buffer("radii", torch.tensor(radii, dtype=torch.float32), persistent=False)
+        self.centres, self.radii = list(centres), list(radii)  # config values, not weights
         self.window, self.tokens = window, tokens
         width = (2 * window + 1) * len(centres)
         self.proj1 = operations.Linear(width, dim, **kw)
@@ -98,13 +97,14 @@ class SpeedEncoder(nn.Module):
         self.norm = operations.LayerNorm(dim, **kw)
 
     def buckets(self, speed):
-        # speed: (B, S) degrees per frame -> (B, S, d)
-        return torch.tanh((speed[..., None] - self.centres) / self.radii * 3)
+        # speed: (B, S) degrees per frame -> (B, S, d), computed in float32
+        centres = torch.tensor(self.centres, device=speed.device)
+        radii = torch.tensor(self.radii, device=speed.device)
+        return torch.tanh((speed.float()[..., None] - centres) / radii * 3)
 
-    def forward(self, speed):
-        # speed: (B, S) -> (B, S, K, D)
-        enc = self.buckets(speed.float())  # (B, S, d)
-        win = frame_windows(enc, self.window, dim=1)  # (B, S, 2m+1, d)
-        x = rearrange(win, "b s w d -> b s (w d)").to(self.proj1.weight.dtype)
+    def forward(self, speed, dtype=torch.float32):
+        # speed: (B, S) -> (B, S, K, D) in the compute dtype
+        win = frame_windows(self.buckets(speed), self.window, dim=1)  # (B, S, 2m+1, d)
+        x = rearrange(win, "b s w d -> b s (w d)").to(dtype)
         x = self.proj2(F.silu(self.proj1(x)))
         return self.norm(rearrange(x, "b s (k d) -> b s k d", k=self.tokens))

@@ -63,13 +63,14 @@ class TransformerBlock(nn.Module):
 
     def _self_attention_with_reference(self, n1, reference, use_reference):
         # Rows with the reference attend to [own tokens, reference tokens] (2L keys); the others to themselves.
-        kv = torch.cat([n1, reference.to(n1.dtype)], dim=1)
+        reference = reference.to(n1.dtype)
         if bool(use_reference.all()):
-            return self.attn1(n1, kv)
-        out = self.attn1(n1)
+            return self.attn1(n1, torch.cat([n1, reference], dim=1))
+        out = torch.empty_like(n1)
+        out[~use_reference] = self.attn1(n1[~use_reference])
         if bool(use_reference.any()):
-            out = out.clone()
-            out[use_reference] = self.attn1(n1[use_reference], kv[use_reference])
+            q = n1[use_reference]
+            out[use_reference] = self.attn1(q, torch.cat([q, reference[use_reference]], dim=1))
         return out
 
 

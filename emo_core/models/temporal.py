@@ -23,21 +23,21 @@ from .layers import Attention, FeedForward, zero_module
 
 
 class PositionalEncoding(nn.Module):
-    def __init__(self, dim: int, max_len: int, dtype=None, device=None):
+    def __init__(self, dim: int, max_len: int, device=None):
         super().__init__()
         position = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)
         div_term = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
         pe = torch.zeros(1, max_len, dim)
         pe[0, :, 0::2] = torch.sin(position * div_term)
         pe[0, :, 1::2] = torch.cos(position * div_term)
-        self.register_buffer("pe", pe.to(device=device, dtype=dtype or torch.float32))  # (1, max_len, dim), persistent
+        self.register_buffer("pe", pe.to(device=device))  # (1, max_len, dim), float32 whatever the weights' dtype
 
     def forward(self, x):
         # x: (N, T, C)
         if x.shape[1] > self.pe.shape[1]:
             raise ValueError(f"temporal module: {x.shape[1]} frames (motion + clip) exceed the positional table "
                              f"({self.pe.shape[1]}); lower frames per clip or motion frames")
-        return x + self.pe[:, : x.shape[1]].to(x.dtype)
+        return x + self.pe[:, : x.shape[1]].to(x)
 
 
 class TemporalSelfAttention(Attention):
@@ -45,7 +45,7 @@ class TemporalSelfAttention(Attention):
 
     def __init__(self, dim: int, heads: int, max_len: int, dtype=None, device=None, operations=nn):
         super().__init__(dim, heads, dim // heads, dtype=dtype, device=device, operations=operations)
-        self.pos_encoder = PositionalEncoding(dim, max_len, dtype=dtype, device=device)
+        self.pos_encoder = PositionalEncoding(dim, max_len, device=device)
 
     def forward(self, x, context=None):
         return super().forward(self.pos_encoder(x))

@@ -169,7 +169,8 @@ class UNet(nn.Module):
         t = SpatialTransformer(ch, cfg.unet.num_heads, context_dim, injection, cfg.unet.norm_num_groups,
                                frame_tiling=cfg.reference_frame_tiling, dtype=dtype, device=device,
                                operations=operations)
-        t.bank_index = self._transformers  # pairs ReferenceNet and Backbone blocks by position
+        # Pairs ReferenceNet and Backbone blocks: both UNets construct their transformers in the same order.
+        t.bank_index = self._transformers
         self._transformers += 1
         return t
 
@@ -180,7 +181,8 @@ class UNet(nn.Module):
                             dtype=dtype, device=device, operations=operations)
 
     def run_blocks(self, x, temb, cond: UNetConditions):
-        skips = [x]
+        # x: (N, C0, h, w) after conv_in, N = rows·frames; temb: (N, 4·C0). Returns (N, C0, h, w).
+        skips = [x]  # skip connections, popped in reverse by the up blocks
         for block in self.down_blocks:
             x = block(x, temb, cond, skips)
         x = self.mid_block(x, temb, cond)
@@ -190,11 +192,12 @@ class UNet(nn.Module):
             x = block(x, temb, cond, skips, upsample_size=size)
         return x
 
-    def embed_time(self, timestep, batch: int, dtype) -> torch.Tensor:
-        t = torch.as_tensor(timestep, device=self.conv_in.weight.device)
+    def embed_time(self, timestep, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """(batch, 4·C0) time embedding in the dtype and on the device of `like` (the activations)."""
+        t = torch.as_tensor(timestep, device=like.device)
         if t.ndim == 0:
             t = t[None]
-        return self.time_embedding(t.expand(batch), dtype)
+        return self.time_embedding(t.expand(batch), like.dtype)
 
 
 class ReferenceNet(UNet):
@@ -206,7 +209,7 @@ class ReferenceNet(UNet):
     def forward(self, latents, timestep, context=None) -> list:
         """latents: (R, 4, h, w) images [reference, motion frames...]; context: (R, T, D) or None.
         Returns one tensor per spatial transformer, (R, L, C) each, in Backbone block order."""
-        temb = self.embed_time(timestep, latents.shape[0], latents.dtype)
+        temb = self.embed_time(timestep, latents.shape[0], latents)
         cond = UNetConditions(context=context)
         self.run_blocks(self.conv_in(latents), temb, cond)
         return cond.written
@@ -228,7 +231,7 @@ class Backbone(UNet):
         b, _, frames = sample.shape[:3]
         cond.frames = frames
         x = rearrange(sample, "b c f y x -> (b f) c y x")
-        temb = self.embed_time(timestep, b, x.dtype).repeat_interleave(frames, dim=0)
+        temb = self.embed_time(timestep, b, x).repeat_interleave(frames, dim=0)
         face = None if face_features is None else rearrange(face_features, "b c f y x -> (b f) c y x").to(x.dtype)
         inject = self.cfg.face_locator.inject
         if face is not None and inject == "latent":
