@@ -43,8 +43,11 @@ class UNetConditions:
 class Block(nn.Module):
     """One resolution level: `layers` x (ResNet [-> transformer -> audio -> temporal]) then a resampler."""
 
-    def __init__(self, kind: str, in_ch: int, out_ch: int, skip_chs: list, temb_ch: int, layers: int,
-                 attention: bool, level: int, sampler: bool, unet: "UNet", dtype=None, device=None, operations=nn):
+    def __init__(self, kind: str, in_ch: int, out_ch: int, skip_chs: list, audio_chs: list, temb_ch: int,
+                 layers: int, attention: bool, level: int, sampler: bool, unet: "UNet", dtype=None, device=None,
+                 operations=nn):
+        """skip_chs: channels of the skip connection each up-block layer concatenates; audio_chs: inner width of
+        each layer's Hallo audio module (a Hallo quirk: the block's input width; EMO's audio layer ignores it)."""
         super().__init__()
         cfg = unet.cfg
         kw = dict(dtype=dtype, device=device, operations=operations)
@@ -57,10 +60,8 @@ class Block(nn.Module):
         if attention:
             self.attentions = nn.ModuleList([unet.make_transformer(out_ch, **kw) for _ in range(layers)])
         if attention and unet.temporal:
-            # Hallo's audio module works at the width of the block's *input* (a Hallo quirk); EMO's ignores it.
-            block_in = [unet.up_block_in] * layers if kind == "up" else [in_ch] + [out_ch] * (layers - 1)
             self.audio_modules = nn.ModuleList([
-                make_audio_module(cfg.audio.module, out_ch, block_in[j], cfg.unet.num_heads, cfg.audio.attention_dim,
+                make_audio_module(cfg.audio.module, out_ch, audio_chs[j], cfg.unet.num_heads, cfg.audio.attention_dim,
                                   groups, level, **kw) for j in range(layers)])
         if unet.temporal:
             self.motion_modules = nn.ModuleList([unet.make_motion_module(out_ch, **kw) for _ in range(layers)])
@@ -144,7 +145,9 @@ class UNet(nn.Module):
         skip_chs = [chs[0]]
         for i, ch in enumerate(chs):
             last = i == levels - 1
-            self.down_blocks.append(Block("down", chs[max(i - 1, 0)], ch, [], temb_ch, u.layers_per_block,
+            block_in = chs[max(i - 1, 0)]
+            audio_chs = [block_in] + [ch] * (u.layers_per_block - 1)  # diffusers re-binds in_channels per layer
+            self.down_blocks.append(Block("down", block_in, ch, [], audio_chs, temb_ch, u.layers_per_block,
                                           attention=not last, level=i, sampler=not last, unet=self, **kw))
             skip_chs += [ch] * (u.layers_per_block + (0 if last else 1))
         self.mid_block = MidBlock(chs[-1], temb_ch, levels - 1, unet=self, **kw)
@@ -154,12 +157,11 @@ class UNet(nn.Module):
         prev = rev[0]
         for i, ch in enumerate(rev):
             last = i == levels - 1
-            self.up_block_in = rev[min(i + 1, levels - 1)]  # diffusers' `in_channels` of this up block
+            audio_chs = [rev[min(i + 1, levels - 1)]] * (u.layers_per_block + 1)  # diffusers' `in_channels`
             skips = [skip_chs.pop() for _ in range(u.layers_per_block + 1)]
-            self.up_blocks.append(Block("up", prev, ch, skips, temb_ch, u.layers_per_block + 1,
+            self.up_blocks.append(Block("up", prev, ch, skips, audio_chs, temb_ch, u.layers_per_block + 1,
                                         attention=i > 0, level=levels - 1 - i, sampler=not last, unet=self, **kw))
             prev = ch
-        del self.up_block_in
 
     # Factories used by the blocks, so that one place decides how each kind of layer is built.
     def make_transformer(self, ch: int, dtype=None, device=None, operations=nn) -> SpatialTransformer:
