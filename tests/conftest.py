@@ -11,6 +11,10 @@ def hallo_fixture_dir() -> Path:
     return Path(os.environ.get("EMO_HALLO_FIXTURE", REPO.parent / "shared" / "fixtures" / "hallo_tiny"))
 
 
+def face_fixture_dir() -> Path:
+    return Path(os.environ.get("EMO_FACE_FIXTURE", REPO.parent / "shared" / "fixtures" / "face"))
+
+
 @pytest.fixture(scope="session")
 def hallo_fixture() -> Path:
     path = hallo_fixture_dir()

@@ -1,0 +1,239 @@
+"""Faces: detection (kornia's YuNet, local weights), face-locator masks, head pose and its speed, and the
+face-centred crop that lets any portrait size in (with the generated face pasted back, feathered).
+
+Images are (N, 3, H, W) float in [0, 1] unless said otherwise; boxes are (x0, y0, x1, y1) in pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from kornia.contrib import FaceDetector
+from kornia.geometry.transform import warp_affine
+from kornia.models.yunet.model import YuNet
+from torch import nn
+
+from .sampler import EMOInputError
+
+DETECT_SIZE = 640  # detection runs on the image scaled so that its longer side is at most this
+
+
+class NoFaceError(EMOInputError):
+    pass
+
+
+@dataclass
+class Face:
+    box: tuple  # (x0, y0, x1, y1) pixels in the image given to the detector
+    landmarks: torch.Tensor  # (5, 2): eye left, eye right, nose, mouth left, mouth right (image left/right)
+    score: float
+
+    @property
+    def area(self) -> float:
+        x0, y0, x1, y1 = self.box
+        return max(0.0, x1 - x0) * max(0.0, y1 - y0)
+
+
+class YuNetDetector(FaceDetector):
+    """kornia's FaceDetector with YuNet weights from a local file (its own constructor would download them).
+    Only construction differs; preprocessing, decoding and NMS are kornia's."""
+
+    def __init__(self, weights, confidence: float = 0.6, nms: float = 0.3):
+        nn.Module.__init__(self)
+        from .checkpoint import read_state_dict
+
+        self.top_k, self.keep_top_k = 5000, 750
+        self.confidence_threshold, self.nms_threshold = confidence, nms
+        self.min_sizes = [[10, 16, 24], [32, 48], [64, 96], [128, 192, 256]]
+        self.steps, self.variance, self.clip = [8, 16, 32, 64], [0.1, 0.2], False
+        self.config = {"name": "YuNet", "min_sizes": self.min_sizes, "steps": self.steps,
+                       "variance": self.variance, "clip": self.clip}
+        from kornia.contrib.face_detection import nms_kornia
+
+        self.nms = nms_kornia
+        self.model = YuNet("test", pretrained=False)
+        state_dict, _ = read_state_dict(weights)
+        try:
+            self.model.load_state_dict(state_dict)
+        except RuntimeError as e:
+            raise EMOInputError(f"{weights} is not a YuNet face-detector state dict (yunet_final.pth): "
+                                f"{str(e).splitlines()[0]}") from e
+        self.model.eval()
+
+    @torch.no_grad()
+    def detect(self, images: torch.Tensor) -> list:
+        """images: (N, 3, H, W) in [0, 1] -> per image a list of Face, largest first."""
+        images = as_rgb(images)
+        height, width = images.shape[-2:]
+        scale = min(1.0, DETECT_SIZE / max(height, width))
+        small = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="area")
+        param = next(self.model.parameters())
+        out = []
+        for rows in self(small.to(param) * 255):  # RGB in [0, 255], as kornia's detector expects
+            faces = [Face(tuple((r[:4] / scale).tolist()), r[4:14].reshape(5, 2).cpu() / scale, float(r[14]))
+                     for r in rows.float()]
+            out.append(sorted(faces, key=lambda f: f.area, reverse=True))
+        return out
+
+
+def as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) with C = 1 (grey), 3 (RGB) or 4 (RGBA, composited on black) -> (N, 3, H, W)."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
+        raise EMOInputError(f"images must be (N, C, H, W) with 1, 3 or 4 channels, got {tuple(images.shape)}")
+    if images.shape[1] == 4:
+        images = images[:, :3] * images[:, 3:]
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def pick_face(faces: list, index: int = 0, what: str = "the image") -> Face:
+    """The face to animate: the largest (index 0) or the index-th largest."""
+    if not faces:
+        raise NoFaceError(f"no face found in {what}: use a portrait with a clearly visible face, give a face mask "
+                          f"yourself, or allow the whole-image fallback")
+    if index >= len(faces):
+        raise EMOInputError(f"face index {index} asked for, but only {len(faces)} face(s) were found in {what}")
+    return faces[index]
+
+
+def expand_box(box: tuple, ratio: float, height: int, width: int) -> tuple:
+    """Scale a box about its centre by `ratio` and clip it to the image."""
+    x0, y0, x1, y1 = box
+    cx, cy, half_w, half_h = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * ratio / 2, (y1 - y0) * ratio / 2
+    return (max(0.0, cx - half_w), max(0.0, cy - half_h), min(float(width), cx + half_w),
+            min(float(height), cy + half_h))
+
+
+def union_box(boxes: list) -> tuple:
+    xs0, ys0, xs1, ys1 = zip(*boxes)
+    return (min(xs0), min(ys0), max(xs1), max(ys1))
+
+
+def box_mask(box: tuple, height: int, width: int) -> torch.Tensor:
+    """(1, 1, H, W) mask: 1 inside the box."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    mask = torch.zeros(1, 1, height, width)
+    mask[..., max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = 1
+    return mask
+
+
+def face_locator_masks(boxes: list, height: int, width: int, clip_length: int, expand: float = 1.2) -> torch.Tensor:
+    """The paper's face-locator mask: per clip, the union of the (expanded) face boxes of its frames.
+    boxes: one box per frame. Returns (frames, 1, H, W)."""
+    masks = []
+    for start in range(0, len(boxes), clip_length):
+        clip = union_box([expand_box(b, expand, height, width) for b in boxes[start:start + clip_length]])
+        masks += [box_mask(clip, height, width)] * len(boxes[start:start + clip_length])
+    return torch.cat(masks)
+
+
+def portrait_face_mask(detector: YuNetDetector | None, image: torch.Tensor, expand: float = 1.2,
+                       face_index: int = 0, fallback: str = "error", user_mask: torch.Tensor | None = None):
+    """Face-locator mask (1, 1, H, W) for one portrait (1, C, H, W). A user-supplied mask (H, W) or (1, 1, H, W)
+    always wins. No face: an error, or with fallback="whole_image" a mask of the whole image."""
+    height, width = image.shape[-2:]
+    if user_mask is not None:
+        mask = user_mask.reshape(1, 1, *user_mask.shape[-2:]).float()
+        if tuple(mask.shape[-2:]) != (height, width):
+            raise EMOInputError(f"face mask is {tuple(mask.shape[-2:])}, the image {(height, width)}: give a mask "
+                                f"of the image's size")
+        return (mask > 0.5).float()
+    if fallback not in ("error", "whole_image"):
+        raise EMOInputError(f"fallback must be 'error' or 'whole_image', got {fallback!r}")
+    faces = detector.detect(image)[0]
+    if not faces and fallback == "whole_image":
+        return torch.ones(1, 1, height, width)
+    face = pick_face(faces, face_index, "the portrait")
+    return box_mask(expand_box(face.box, expand, height, width), height, width)
+
+
+# ---- head pose -------------------------------------------------------------------------------------------------
+
+# A mean face's 5 landmarks in millimetres, x right, y down, z towards the camera (nose tip at the origin), in
+# YuNet's order: eye left, eye right, nose, mouth left, mouth right (left / right as seen in the image). The
+# proportions are those of YuNet's landmarks on a frontal photo (eye line 36 mm above the nose tip, mouth
+# corners 22 mm below it), so a frontal face reads close to (0, 0, 0).
+FACE_MODEL_3D = torch.tensor([[-32.0, -36.0, -30.0], [32.0, -36.0, -30.0], [0.0, 0.0, 0.0],
+                              [-28.0, 22.0, -22.0], [28.0, 22.0, -22.0]])
+
+
+def head_pose(landmarks: torch.Tensor) -> torch.Tensor:
+    """(5, 2) landmarks -> (yaw, pitch, roll) in degrees, by fitting a weak-perspective projection of the mean 3-D
+    face (least-squares affine fit, rows orthonormalised). Frontal is about (0, 0, 0); good to a few degrees."""
+    p = landmarks.double() - landmarks.double().mean(0)
+    m = FACE_MODEL_3D.double() - FACE_MODEL_3D.double().mean(0)
+    a = torch.linalg.lstsq(m, p).solution.T  # (2, 3): p ≈ m @ a.T
+    r1 = a[0] / a[0].norm()
+    r2 = a[1] - (a[1] @ r1) * r1
+    r2 = r2 / r2.norm()
+    r3 = torch.linalg.cross(r1, r2)
+    rot = torch.stack([r1, r2, r3])
+    yaw = math.degrees(math.asin(max(-1.0, min(1.0, float(-rot[2, 0])))))
+    pitch = math.degrees(math.atan2(float(rot[2, 1]), float(rot[2, 2])))
+    roll = math.degrees(math.atan2(float(rot[1, 0]), float(rot[0, 0])))
+    return torch.tensor([yaw, pitch, roll])
+
+
+def rotation_speed(poses: torch.Tensor) -> torch.Tensor:
+    """(S, 3) yaw/pitch/roll per frame -> (S,) head rotation speed in degrees per frame (the first frame repeats the
+    second's), the quantity the speed layers are conditioned on."""
+    if poses.shape[0] < 2:
+        return torch.zeros(poses.shape[0])
+    step = (poses[1:] - poses[:-1]).norm(dim=1)
+    return torch.cat([step[:1], step])
+
+
+# ---- any portrait size: face-centred crop and paste-back ------------------------------------------------------
+
+@dataclass
+class Crop:
+    """A square crop of side `side` centred at (cx, cy) of an image of size (height, width), resized to `size`."""
+
+    cx: float
+    cy: float
+    side: float
+    size: int
+    height: int
+    width: int
+
+    def matrix(self) -> torch.Tensor:
+        """(1, 2, 3) affine from image pixels to crop pixels."""
+        s = self.size / self.side
+        return torch.tensor([[[s, 0.0, -s * (self.cx - self.side / 2)], [0.0, s, -s * (self.cy - self.side / 2)]]])
+
+
+def face_crop(box: tuple, height: int, width: int, size: int, scale: float = 2.2) -> Crop:
+    """A square crop around a face box: `scale` times the face's larger side (head, hair and shoulders), moved to
+    stay inside the image where it fits, centred a little below the face centre."""
+    x0, y0, x1, y1 = box
+    side = min(max(x1 - x0, y1 - y0) * scale, float(max(height, width)))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2 + 0.1 * (y1 - y0)
+    if side <= width:
+        cx = min(max(cx, side / 2), width - side / 2)
+    if side <= height:
+        cy = min(max(cy, side / 2), height - side / 2)
+    return Crop(cx, cy, side, size, height, width)
+
+
+def crop_image(images: torch.Tensor, crop: Crop) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 3, size, size); outside the image the border pixels are repeated."""
+    m = crop.matrix().to(images).expand(images.shape[0], -1, -1)
+    return warp_affine(images, m, (crop.size, crop.size), mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def paste_back(frames: torch.Tensor, original: torch.Tensor, crop: Crop, feather: float = 0.08) -> torch.Tensor:
+    """Generated crops (N, 3, size, size) back into the original image (1 or N, 3, H, W), blended through a mask
+    whose edges fall off smoothly over `feather` of the crop side. Returns (N, 3, H, W)."""
+    n = frames.shape[0]
+    inverse = torch.linalg.inv(torch.cat([crop.matrix()[0], torch.tensor([[0.0, 0.0, 1.0]])]))[:2][None]
+    inverse = inverse.to(frames).expand(n, -1, -1)
+    size = (crop.height, crop.width)
+    warped = warp_affine(frames, inverse, size, mode="bilinear", padding_mode="zeros", align_corners=False)
+    ramp = torch.linspace(0, 1, crop.size, device=frames.device, dtype=frames.dtype)
+    edge = torch.minimum(ramp, ramp.flip(0)) / max(feather / 2, 1e-6)  # 0 at the crop border, >=1 inside
+    weight = edge.clamp(0, 1)
+    weight = (weight[None, :] * weight[:, None])[None, None].expand(n, 1, -1, -1)
+    alpha = warp_affine(weight, inverse, size, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return alpha * warped + (1 - alpha) * original.to(frames).expand(n, -1, -1, -1)

@@ -1,0 +1,126 @@
+"""Face detection (real YuNet weights, real photo), face-locator masks, head pose, crop and paste-back."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from kornia.geometry.transform import rotate
+from PIL import Image
+
+from emo_core.face import (NoFaceError, YuNetDetector, as_rgb, crop_image, face_crop, face_locator_masks, head_pose,
+                           paste_back, pick_face, portrait_face_mask, rotation_speed)
+from emo_core.sampler import EMOInputError
+
+from .conftest import face_fixture_dir
+
+FACE_DIR = face_fixture_dir()
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return YuNetDetector(FACE_DIR / "yunet_final.pth")
+
+
+@pytest.fixture(scope="module")
+def photo():
+    pixels = np.array(Image.open(FACE_DIR / "astronaut.png").convert("RGB"), dtype=np.float32) / 255
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None]  # (1, 3, 512, 512)
+
+
+def near(box, expected, tol):
+    return all(abs(a - b) <= tol for a, b in zip(box, expected))
+
+
+def test_detects_the_face_in_a_real_photo(detector, photo):
+    faces = detector.detect(photo)[0]
+    assert len(faces) == 1 and faces[0].score > 0.99
+    assert near(faces[0].box, (180, 58, 271, 176), 6)  # the fixture README's box
+
+
+@pytest.mark.parametrize("kind", ["grey", "rgba", "4k"])
+def test_any_image_format_and_size(detector, photo, kind):
+    if kind == "grey":
+        image, scale, offset = photo.mean(1, keepdim=True), 1, (0, 0)
+    elif kind == "rgba":
+        image, scale, offset = torch.cat([photo, torch.ones_like(photo[:, :1])], 1), 1, (0, 0)
+    else:  # the photo at 4x inside a 3840x2160 frame
+        image, scale, offset = torch.zeros(1, 3, 2160, 3840), 4, (900, 100)
+        image[..., 100:2148, 900:2948] = F.interpolate(photo, scale_factor=4, mode="bilinear")
+    faces = detector.detect(image)[0]
+    assert len(faces) == 1
+    x, y = offset
+    expected = (180 * scale + x, 58 * scale + y, 271 * scale + x, 176 * scale + y)
+    assert near(faces[0].box, expected, 8 * scale)
+
+
+def test_no_face_is_a_clear_error_or_the_documented_fallback(detector):
+    grey = torch.full((1, 3, 256, 256), 0.5)
+    with pytest.raises(NoFaceError, match="no face found"):
+        portrait_face_mask(detector, grey)
+    assert torch.equal(portrait_face_mask(detector, grey, fallback="whole_image"), torch.ones(1, 1, 256, 256))
+
+
+def test_two_faces_largest_or_by_index(detector, photo):
+    canvas = torch.full((1, 3, 512, 1024), 0.8)
+    canvas[..., :, :512] = photo
+    canvas[..., 100:356, 600:856] = F.interpolate(photo, size=(256, 256), mode="area")
+    faces = detector.detect(canvas)[0]
+    assert len(faces) == 2
+    assert pick_face(faces).box[0] < 512 and pick_face(faces, 1).box[0] > 600
+    with pytest.raises(EMOInputError, match="only 2 face"):
+        pick_face(faces, 2)
+
+
+def test_face_at_the_border(detector, photo):
+    image = photo[..., :, 200:]  # the face is cut by the left border
+    faces = detector.detect(image)[0]
+    assert faces, "a face cut by the border is still found"
+    crop = face_crop(faces[0].box, *image.shape[-2:], size=128)
+    out = crop_image(image, crop)
+    assert out.shape == (1, 3, 128, 128) and torch.isfinite(out).all()
+
+
+def test_user_mask_wins(detector, photo):
+    user = torch.zeros(512, 512)
+    user[:10, :10] = 1
+    assert torch.equal(portrait_face_mask(detector, photo, user_mask=user)[0, 0], user)
+    with pytest.raises(EMOInputError, match="mask"):
+        portrait_face_mask(detector, photo, user_mask=torch.zeros(100, 100))
+
+
+def test_face_locator_mask_is_the_union_over_each_clip():
+    boxes = [(10, 10, 20, 20), (30, 10, 40, 20), (50, 50, 60, 60)]
+    masks = face_locator_masks(boxes, 64, 64, clip_length=2, expand=1.0)
+    assert masks.shape == (3, 1, 64, 64)
+    assert torch.equal(masks[0], masks[1]) and masks[0, 0, 15, 25] == 1  # between the two boxes of clip 1
+    assert masks[2, 0, 15, 25] == 0 and masks[2, 0, 55, 55] == 1
+
+
+def test_head_pose_and_speed(detector, photo):
+    frontal = head_pose(detector.detect(photo)[0][0].landmarks)
+    assert frontal.abs().max() < 8  # the astronaut looks at the camera
+    tilted = head_pose(detector.detect(rotate(photo, torch.tensor([20.0])))[0][0].landmarks)
+    assert 12 < abs(tilted[2]) < 30  # roll follows the in-plane rotation
+    poses = torch.tensor([[0.0, 0, 0], [1, 0, 0], [3, 0, 0], [6, 0, 0]])
+    assert rotation_speed(poses).tolist() == [1, 1, 2, 3]
+
+
+def test_crop_and_paste_back_keep_the_original_outside_the_face(detector, photo):
+    image = torch.cat([photo, photo.flip(-1)], dim=-1)[..., :400, :]  # 400x1024, not square
+    face = pick_face(detector.detect(image)[0])
+    crop = face_crop(face.box, *image.shape[-2:], size=256)
+    frames = crop_image(image, crop).expand(3, -1, -1, -1)
+    back = paste_back(frames, image, crop)
+    assert back.shape == (3, 3, 400, 1024)
+    x0 = int(crop.cx - crop.side / 2)
+    assert torch.equal(back[..., :, x0 + int(crop.side) + 2:], image.expand(3, -1, -1, -1)[..., :, x0 + int(crop.side) + 2:])
+    inside = back[..., int(face.box[1]):int(face.box[3]), int(face.box[0]):int(face.box[2])]
+    original = image[..., int(face.box[1]):int(face.box[3]), int(face.box[0]):int(face.box[2])]
+    assert (inside - original).abs().mean() < 0.02  # crop -> paste is close to the identity
+    edited = paste_back(torch.zeros_like(frames), image, crop)  # a black face shows, feathered
+    assert edited[..., int(crop.cy), int(crop.cx)].abs().max() < 1e-6
+
+
+def test_as_rgb_rejects_other_layouts():
+    with pytest.raises(EMOInputError):
+        as_rgb(torch.zeros(1, 2, 8, 8))
