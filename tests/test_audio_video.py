@@ -1,5 +1,6 @@
 """Audio features the way Hallo computes them (fixture parity), audio loading, mp4 writing, the CLI main job."""
 
+import json
 import math
 import subprocess
 import sys
@@ -113,3 +114,89 @@ def test_main_command_reports_bad_input(tmp_path):
     run = subprocess.run([sys.executable, "-m", "emo_core", "generate", "--audio", str(tmp_path / "missing.wav"),
                           "--out", str(tmp_path / "x.mp4")], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode != 0 and "missing.wav" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.fixture(scope="module")
+def encoder(hallo_fixture):
+    return Wav2Vec2Features.from_files(hallo_fixture / "audio_encoder.safetensors",
+                                       hallo_fixture / "audio_encoder_config.json")
+
+
+def test_encoder_from_weights_alone_matches_its_config(hallo_fixture, encoder, audio_fixture):
+    """ComfyUI's AUDIO_ENCODER and models/audio_encoders files carry weights only: the config comes from shapes."""
+    heads = json.loads((hallo_fixture / "audio_encoder_config.json").read_text())["num_attention_heads"]
+    derived = Wav2Vec2Features.from_state_dict(load_file(hallo_fixture / "audio_encoder.safetensors"),
+                                               num_heads=heads)
+    waveform = audio_fixture[0]["case_a.waveform_16k"]
+    torch.testing.assert_close(derived(waveform)[0], encoder(waveform)[0], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="not wav2vec2"):
+        Wav2Vec2Features.from_state_dict({"conv_in.weight": torch.zeros(1)})
+
+
+def speechlike(seconds: float, rate: int = 16000, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(seconds * rate)) / rate
+    voice = sum(torch.sin(2 * math.pi * k * 130 * t) / k for k in range(1, 12))
+    return (voice * torch.sin(2 * math.pi * 3 * t).clamp(min=0) + 0.01 * torch.randn(t.shape, generator=g)) * 0.5
+
+
+def test_long_audio_is_encoded_in_windows_with_exact_conv_features(encoder):
+    waveform = speechlike(70)  # 1750 frames at 25 fps
+    x, seq_len, _ = encoder.model_input(waveform, 25, 16)
+    torch.testing.assert_close(encoder.conv_features(x, chunk_frames=300), encoder.model.feature_extractor(x[None]),
+                               atol=5e-5, rtol=0)  # chunked convolutions: exact up to float summation
+    one_shot, length = encoder(waveform, 25, 16, max_frames=10**6)
+    windowed, length2 = encoder(waveform, 25, 16, max_frames=500, context=250)
+    assert windowed.shape == one_shot.shape and length == length2 == 1750
+    assert (windowed - one_shot).abs().mean() < 0.05 * one_shot.abs().mean()  # bounded attention context only
+    same, _ = encoder(waveform, 25, 16, max_frames=seq_len)  # below the limit: one shot, exact
+    torch.testing.assert_close(same, one_shot, atol=0, rtol=0)
+
+
+def write_pcm16(path, samples: np.ndarray, rate: int):
+    import wave as wavemod
+
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
+    with wavemod.open(str(path), "wb") as w:
+        w.setnchannels(samples.shape[0] if samples.ndim == 2 else 1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((pcm.T if samples.ndim == 2 else pcm).tobytes())
+    return path
+
+
+@pytest.mark.parametrize("case", ["telephone_8k", "stereo_48k", "silence", "clipping", "shorter_than_a_clip"])
+def test_audio_inputs_of_every_kind(encoder, tmp_path, case):
+    seconds = 0.3 if case == "shorter_than_a_clip" else 2.0
+    base = speechlike(seconds, 48000).numpy()
+    if case == "telephone_8k":
+        path, rate = write_pcm16(tmp_path / "a.wav", speechlike(seconds, 8000).numpy(), 8000), 8000
+    elif case == "stereo_48k":
+        path, rate = write_wav(tmp_path / "a.wav", np.stack([base, 0.5 * base]), 48000), 48000
+    elif case == "silence":
+        path, rate = write_pcm16(tmp_path / "a.wav", np.zeros(32000), 16000), 16000
+    elif case == "clipping":
+        path, rate = write_pcm16(tmp_path / "a.wav", np.clip(speechlike(seconds).numpy() * 20, -1, 1), 16000), 16000
+    else:
+        path, rate = write_pcm16(tmp_path / "a.wav", speechlike(seconds).numpy(), 16000), 16000
+    waveform = load_audio(path)
+    assert waveform.shape[0] == math.ceil(round(seconds * rate) * 16000 / rate)
+    features, length = encoder(waveform, 25, clip_length=16)
+    assert length == frame_count(waveform.shape[0], 25)
+    assert features.shape[0] % 16 == 0 and features.shape[0] >= length and torch.isfinite(features).all()
+
+
+def test_ten_minute_file(encoder, tmp_path):
+    path = write_pcm16(tmp_path / "long.wav", speechlike(600).numpy(), 16000)
+    waveform = load_audio(path)
+    features, length = encoder(waveform, 25, clip_length=16)  # windows of 60 s: bounded memory
+    assert length == 15000 and features.shape == (15008, 3, 32) and torch.isfinite(features).all()
+
+
+def test_unreadable_audio_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF not really a wave file")
+    with pytest.raises(ValueError, match="bad.wav"):
+        load_audio(bad)
+    with pytest.raises(ValueError, match="at least 400 samples"):
+        Wav2Vec2Features.__call__(None, torch.zeros(100))
