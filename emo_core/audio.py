@@ -83,10 +83,18 @@ class Wav2Vec2Features:
     @classmethod
     def from_files(cls, weights, config=None, dtype=torch.float32, device="cpu") -> "Wav2Vec2Features":
         """weights: a .safetensors / .bin state dict (keys with or without the `wav2vec2.` prefix of CTC
-        checkpoints; the CTC head is ignored); config: a transformers Wav2Vec2Config json, or None to derive
+        checkpoints; the CTC head is ignored), or a transformers model folder (config.json + model.safetensors or
+        pytorch_model.bin); config: a transformers Wav2Vec2Config json, or None to use the folder's or to derive
         it from the weights (base / large layouts)."""
         from .checkpoint import read_state_dict
 
+        weights = Path(weights)
+        if weights.is_dir():
+            found = [weights / n for n in ("model.safetensors", "pytorch_model.bin") if (weights / n).is_file()]
+            if not found:
+                raise FileNotFoundError(f"{weights} holds no model.safetensors or pytorch_model.bin")
+            config = config or (weights / "config.json" if (weights / "config.json").is_file() else None)
+            weights = found[0]
         state_dict, _ = read_state_dict(weights)
         config = json.loads(Path(config).read_text()) if config else None
         return cls.from_state_dict(state_dict, config, dtype=dtype, device=device)

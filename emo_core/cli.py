@@ -38,28 +38,58 @@ def generate_parser(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=float, default=None, help="video frame rate (default: the model's, 25)")
     p.add_argument("--speed", type=float, default=None, help="head motion speed in degrees per frame (EMO models)")
+    p.add_argument("--face-detector", help="YuNet weights (yunet_final.pth) for the face box, a face-centred crop "
+                                           "of any portrait size and the paste-back; without it the portrait is "
+                                           "centre-cropped and the face assumed in its middle")
+    p.add_argument("--face-expand", type=float, default=1.2, help="face box expansion for the face-locator mask")
+    p.add_argument("--face-index", type=int, default=0, help="which face when there are several (0 = largest)")
+    p.add_argument("--whole-image-fallback", action="store_true",
+                   help="when no face is found, use the whole image as face region instead of stopping")
+    p.add_argument("--crop-only", action="store_true",
+                   help="write the generated square crop instead of pasting it back into the full portrait")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     return p
 
 
-def load_image(path, size: int) -> torch.Tensor:
-    """Any image PIL reads -> centre-cropped square (1, 3, size, size) in [-1, 1]."""
+def load_image(path) -> torch.Tensor:
+    """Any image PIL reads (grey, RGBA, any size) -> (1, 3, H, W) in [0, 1]."""
     from PIL import Image, ImageOps
 
     try:
         image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     except (OSError, ValueError) as e:
-        raise SystemExit(f"cannot read image {path}: {e}")
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return pixels[None] * 2 - 1
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    return torch.from_numpy(np.array(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def frame_portrait(original: torch.Tensor, size: int, args):
+    """The square the model animates: around the detected face (any portrait size), or the centre square.
+    Returns (crop geometry, portrait (1, 3, size, size) in [0, 1], face-locator mask (1, 1, size, size))."""
+    from .face import Crop, YuNetDetector, box_mask, crop_image, expand_box, face_crop, pick_face
+
+    height, width = original.shape[-2:]
+    if not args.face_detector:
+        crop = Crop(width / 2, height / 2, float(min(height, width)), size, height, width)
+        mask = torch.zeros(1, 1, size, size)
+        mask[..., size // 8: size * 7 // 8, size // 6: size * 5 // 6] = 1  # a centred face box
+        return crop, crop_image(original, crop), mask
+    detector = YuNetDetector(args.face_detector)
+    faces = detector.detect(original)[0]
+    if not faces and args.whole_image_fallback:
+        crop = Crop(width / 2, height / 2, float(min(height, width)), size, height, width)
+        return crop, crop_image(original, crop), torch.ones(1, 1, size, size)
+    face = pick_face(faces, args.face_index, Path(args.image).name)
+    crop = face_crop(face.box, height, width, size)
+    portrait = crop_image(original, crop)
+    (a, _, tx), (_, d, ty) = crop.matrix()[0].tolist()  # image pixels -> crop pixels
+    x0, y0, x1, y1 = expand_box(face.box, args.face_expand, height, width)
+    return crop, portrait, box_mask((a * x0 + tx, d * y0 + ty, a * x1 + tx, d * y1 + ty), size, size)
 
 
 def run_generate(args) -> Path:
     from .audio import Wav2Vec2Features, load_audio, random_audio_encoder
+    from .face import paste_back
     from .sampler import GenerationInputs, SamplerSettings, encode_reference, generate
     from .video import VideoWriter
     from .vae import DiffusersVAE, random_vae
@@ -93,10 +123,11 @@ def run_generate(args) -> Path:
 
     waveform = load_audio(args.audio)
     features, audio_length = encoder(waveform.to(encoder.model.device), fps=fps, clip_length=cfg.frames_per_clip)
-    image = load_image(args.image, size).to(device=device, dtype=dtype)
-    mask = torch.zeros(1, cfg.face_locator.in_channels, size, size)
-    mask[..., size // 8: size * 7 // 8, size // 6: size * 5 // 6] = 1  # centred face box until face detection lands
-    inputs = GenerationInputs(reference_latent=encode_reference(vae, image), audio_features=features, face_mask=mask,
+    original = load_image(args.image)
+    crop, portrait, mask = frame_portrait(original, size, args)
+    image = (portrait * 2 - 1).to(device=device, dtype=dtype)
+    inputs = GenerationInputs(reference_latent=encode_reference(vae, image), audio_features=features,
+                              face_mask=mask.expand(-1, cfg.face_locator.in_channels, -1, -1),
                               speed=args.speed if cfg.speed else None, num_frames=audio_length)
     settings = SamplerSettings(steps=args.steps, guidance_scale=args.cfg, seed=args.seed, scheduler=args.scheduler)
 
@@ -112,7 +143,8 @@ def run_generate(args) -> Path:
     metadata = {"comment": f"EMO for ComfyUI; seed {args.seed}; checkpoint {args.checkpoint or 'tiny random'}"}
     with VideoWriter(args.out, fps, audio=waveform.numpy(), sample_rate=16000, metadata=metadata) as writer:
         for clip in generate(model, inputs, settings, codec=vae, progress=progress):
-            writer.write(vae.decode(clip.latents[0].transpose(0, 1)))  # (F, 3, H, W) in [0, 1]
+            frames = vae.decode(clip.latents[0].transpose(0, 1)).float().cpu()  # (F, 3, size, size) in [0, 1]
+            writer.write(frames if args.crop_only else paste_back(frames, original, crop))
     print(f"\n[emo] wrote {writer.frames} frames ({writer.frames / fps:.2f} s) to {args.out}", file=sys.stderr)
     return Path(args.out)
 

@@ -18,7 +18,8 @@ from torch import nn
 
 from .sampler import EMOInputError
 
-DETECT_SIZE = 640  # detection runs on the image scaled so that its longer side is at most this
+DETECT_SIZE = 640  # detection runs on the image scaled so that its longer side is at most this ...
+MIN_DETECT_SIZE = 64  # ... and its shorter side at least this
 
 
 class NoFaceError(EMOInputError):
@@ -69,7 +70,9 @@ class YuNetDetector(FaceDetector):
         images = as_rgb(images)
         height, width = images.shape[-2:]
         scale = min(1.0, DETECT_SIZE / max(height, width))
-        small = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="area")
+        scale = max(scale, MIN_DETECT_SIZE / min(height, width))  # YuNet needs a few pooling levels' worth
+        small = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
+                                                          antialias=scale < 1)
         param = next(self.model.parameters())
         out = []
         for rows in self(small.to(param) * 255):  # RGB in [0, 255], as kornia's detector expects

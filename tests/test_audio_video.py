@@ -133,6 +133,13 @@ def test_encoder_from_weights_alone_matches_its_config(hallo_fixture, encoder, a
         Wav2Vec2Features.from_state_dict({"conv_in.weight": torch.zeros(1)})
 
 
+def test_encoder_from_a_transformers_folder(hallo_fixture, encoder, audio_fixture, tmp_path):
+    folder = tmp_path / "wav2vec2"
+    encoder.model.save_pretrained(folder)  # config.json + model.safetensors, as on the hub
+    waveform = audio_fixture[0]["case_b.waveform_16k"]
+    torch.testing.assert_close(Wav2Vec2Features.from_files(folder)(waveform)[0], encoder(waveform)[0], atol=0, rtol=0)
+
+
 def speechlike(seconds: float, rate: int = 16000, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     t = torch.arange(int(seconds * rate)) / rate
@@ -200,3 +207,38 @@ def test_unreadable_audio_is_a_clear_error(tmp_path):
         load_audio(bad)
     with pytest.raises(ValueError, match="at least 400 samples"):
         Wav2Vec2Features.__call__(None, torch.zeros(100))
+
+
+def test_main_command_animates_the_face_of_any_portrait_size(tmp_path):
+    from PIL import Image
+
+    from .conftest import face_fixture_dir
+
+    photo = Image.open(face_fixture_dir() / "astronaut.png").convert("RGB").crop((0, 0, 512, 400))  # not square
+    photo.save(tmp_path / "portrait.jpg")
+    out = tmp_path / "face.mp4"
+    run = subprocess.run([sys.executable, "-m", "emo_core", "generate", "--image", str(tmp_path / "portrait.jpg"),
+                          "--face-detector", str(face_fixture_dir() / "yunet_final.pth"), "--out", str(out),
+                          "--steps", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with av.open(str(out)) as c:
+        video = c.streams.video[0]
+        first = next(c.decode(video)).to_ndarray(format="rgb24").astype(np.float32) / 255
+    assert (video.width, video.height) == (512, 400)  # pasted back at the portrait's own resolution
+    original = np.asarray(photo, dtype=np.float32) / 255
+    assert np.abs(first[380:, :] - original[380:, :]).mean() < 0.03  # far from the face: the photo itself
+    assert np.abs(first[100:150, 200:250] - original[100:150, 200:250]).mean() > 0.05  # the face: generated
+
+
+def test_main_command_without_a_face(tmp_path):
+    from PIL import Image
+
+    from .conftest import face_fixture_dir
+
+    Image.new("RGB", (200, 160), (120, 130, 140)).save(tmp_path / "wall.png")
+    args = [sys.executable, "-m", "emo_core", "generate", "--image", str(tmp_path / "wall.png"), "--face-detector",
+            str(face_fixture_dir() / "yunet_final.pth"), "--out", str(tmp_path / "x.mp4"), "--steps", "1"]
+    run = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0 and "no face found in wall.png" in run.stderr and "Traceback" not in run.stderr
+    run = subprocess.run(args + ["--whole-image-fallback"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]

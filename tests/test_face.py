@@ -124,3 +124,10 @@ def test_crop_and_paste_back_keep_the_original_outside_the_face(detector, photo)
 def test_as_rgb_rejects_other_layouts():
     with pytest.raises(EMOInputError):
         as_rgb(torch.zeros(1, 2, 8, 8))
+
+
+def test_tiny_image(detector, photo):
+    tiny = F.interpolate(photo, size=(24, 24), mode="area")
+    faces = detector.detect(tiny)[0]  # too small to find a face reliably, but no crash
+    mask = portrait_face_mask(detector, tiny, fallback="whole_image")
+    assert mask.shape == (1, 1, 24, 24) and (len(faces) > 0 or bool(mask.all()))
