@@ -152,6 +152,23 @@ def portrait_face_mask(detector: YuNetDetector | None, image: torch.Tensor, expa
     return box_mask(expand_box(face.box, expand, height, width), height, width)
 
 
+def track_faces(detector: YuNetDetector, frames: torch.Tensor, face_index: int = 0, batch: int = 16):
+    """Per video frame (S, C, H, W): the chosen face's box and landmarks. Frames where no face is found take the
+    nearest earlier (else later) detection. Returns (boxes [S x (x0, y0, x1, y1)], landmarks (S, 5, 2),
+    found (S,) bool)."""
+    picked = []
+    for start in range(0, frames.shape[0], batch):
+        for faces in detector.detect(frames[start:start + batch]):
+            picked.append(faces[face_index] if len(faces) > face_index else None)
+    found = torch.tensor([f is not None for f in picked])
+    if not found.any():
+        raise NoFaceError(f"no face found in any of the {frames.shape[0]} frames")
+    known = [i for i, f in enumerate(picked) if f is not None]
+    filled = [picked[i] if picked[i] is not None else picked[max([k for k in known if k < i], default=known[0])]
+              for i in range(len(picked))]
+    return [f.box for f in filled], torch.stack([f.landmarks for f in filled]), found
+
+
 # ---- head pose -------------------------------------------------------------------------------------------------
 
 # A mean face's 5 landmarks in millimetres, x right, y down, z towards the camera (nose tip at the origin), in
@@ -179,11 +196,15 @@ def head_pose(landmarks: torch.Tensor) -> torch.Tensor:
     return torch.tensor([yaw, pitch, roll])
 
 
-def rotation_speed(poses: torch.Tensor) -> torch.Tensor:
-    """(S, 3) yaw/pitch/roll per frame -> (S,) head rotation speed in degrees per frame (the first frame repeats the
-    second's), the quantity the speed layers are conditioned on."""
+def rotation_speed(poses: torch.Tensor, smooth: int = 5) -> torch.Tensor:
+    """(S, 3) yaw/pitch/roll per frame -> (S,) head rotation speed in degrees per frame, the quantity the speed
+    layers are conditioned on. Per-frame poses from 5 landmarks jitter by a few degrees, so they are first
+    averaged over `smooth` frames (centred, edges repeated); the first frame repeats the second's speed."""
     if poses.shape[0] < 2:
         return torch.zeros(poses.shape[0])
+    if smooth > 1:
+        padded = torch.cat([poses[:1].expand(smooth // 2, -1), poses, poses[-1:].expand(smooth // 2, -1)])
+        poses = padded.unfold(0, smooth, 1).mean(-1)[: poses.shape[0]]
     step = (poses[1:] - poses[:-1]).norm(dim=1)
     return torch.cat([step[:1], step])
 

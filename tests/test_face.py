@@ -8,7 +8,7 @@ from kornia.geometry.transform import rotate
 from PIL import Image
 
 from emo_core.face import (NoFaceError, YuNetDetector, as_rgb, crop_image, face_crop, face_locator_masks, head_pose,
-                           paste_back, pick_face, portrait_face_mask, rotation_speed)
+                           paste_back, pick_face, portrait_face_mask, rotation_speed, track_faces)
 from emo_core.sampler import EMOInputError
 
 from .conftest import face_fixture_dir
@@ -102,7 +102,7 @@ def test_head_pose_and_speed(detector, photo):
     tilted = head_pose(detector.detect(rotate(photo, torch.tensor([20.0])))[0][0].landmarks)
     assert 12 < abs(tilted[2]) < 30  # roll follows the in-plane rotation
     poses = torch.tensor([[0.0, 0, 0], [1, 0, 0], [3, 0, 0], [6, 0, 0]])
-    assert rotation_speed(poses).tolist() == [1, 1, 2, 3]
+    assert rotation_speed(poses, smooth=1).tolist() == [1, 1, 2, 3]
 
 
 def test_crop_and_paste_back_keep_the_original_outside_the_face(detector, photo):
@@ -131,3 +131,24 @@ def test_tiny_image(detector, photo):
     faces = detector.detect(tiny)[0]  # too small to find a face reliably, but no crash
     mask = portrait_face_mask(detector, tiny, fallback="whole_image")
     assert mask.shape == (1, 1, 24, 24) and (len(faces) > 0 or bool(mask.all()))
+
+
+def test_head_speed_of_a_turning_video(detector, photo):
+    """'Videos' of the photo rolling by 0, 1, 2 and 4 degrees per frame: the measured speed follows."""
+    measured = []
+    for step in (0.0, 1.0, 2.0, 4.0):
+        frames = torch.cat([rotate(photo, torch.tensor([step * i])) for i in range(12)])
+        boxes, landmarks, found = track_faces(detector, frames)
+        assert found.all() and len(boxes) == 12
+        speed = rotation_speed(torch.stack([head_pose(p) for p in landmarks])).median().item()
+        assert speed < 0.5 if step == 0 else step / 2 < speed < step * 2
+        measured.append(speed)
+    assert measured == sorted(measured)
+
+
+def test_tracking_fills_frames_without_a_face(detector, photo):
+    frames = torch.cat([photo, torch.full_like(photo, 0.5), photo])
+    boxes, _, found = track_faces(detector, frames)
+    assert found.tolist() == [True, False, True] and boxes[1] == boxes[0]
+    with pytest.raises(NoFaceError, match="any of the 2 frames"):
+        track_faces(detector, torch.full((2, 3, 128, 128), 0.5))
