@@ -84,8 +84,8 @@ class Wav2Vec2Features:
     def from_files(cls, weights, config=None, dtype=torch.float32, device="cpu") -> "Wav2Vec2Features":
         """weights: a .safetensors / .bin state dict (keys with or without the `wav2vec2.` prefix of CTC
         checkpoints; the CTC head is ignored), or a transformers model folder (config.json + model.safetensors or
-        pytorch_model.bin); config: a transformers Wav2Vec2Config json, or None to use the folder's or to derive
-        it from the weights (base / large layouts)."""
+        pytorch_model.bin); config: a transformers Wav2Vec2Config json, or None to use the folder's, one beside
+        the file (<name>_config.json, <name>.json), or to derive it from the weights (base / large layouts)."""
         from .checkpoint import read_state_dict
 
         weights = Path(weights)
@@ -95,6 +95,9 @@ class Wav2Vec2Features:
                 raise FileNotFoundError(f"{weights} holds no model.safetensors or pytorch_model.bin")
             config = config or (weights / "config.json" if (weights / "config.json").is_file() else None)
             weights = found[0]
+        elif config is None:  # a config beside the file: <name>_config.json or <name>.json
+            config = next((c for c in (weights.with_name(f"{weights.stem}_config.json"), weights.with_suffix(".json"))
+                           if c.is_file()), None)
         state_dict, _ = read_state_dict(weights)
         config = json.loads(Path(config).read_text()) if config else None
         return cls.from_state_dict(state_dict, config, dtype=dtype, device=device)

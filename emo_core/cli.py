@@ -28,8 +28,8 @@ def generate_parser(sub):
     p.add_argument("--checkpoint", help="EMO checkpoint (ours or Hallo's net.pth); default: tiny random model")
     p.add_argument("--vae", help="VAE: diffusers folder or .safetensors with its config beside it "
                                  "(required with --checkpoint)")
-    p.add_argument("--audio-encoder", help="wav2vec2: .safetensors with config.json beside it (required with "
-                                           "--checkpoint)")
+    p.add_argument("--audio-encoder", help="wav2vec2 the checkpoint was trained with: a transformers folder or a "
+                                           "weights file (required with --checkpoint)")
     p.add_argument("--size", type=int, default=None, help="square generation size in pixels (multiple of 8); "
                                                           "default 512, 64 for the tiny random model")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 40)")
@@ -65,31 +65,29 @@ def load_image(path) -> torch.Tensor:
 
 def frame_portrait(original: torch.Tensor, size: int, args):
     """The square the model animates: around the detected face (any portrait size), or the centre square.
-    Returns (crop geometry, portrait (1, 3, size, size) in [0, 1], face-locator mask (1, 1, size, size))."""
+    Returns (crop geometry, portrait (1, 3, size, size) in [0, 1], face-locator mask (1, 1, size, size), the face
+    in crop pixels or None)."""
     from .face import Crop, YuNetDetector, box_mask, crop_image, expand_box, face_crop, pick_face
 
     height, width = original.shape[-2:]
+    centre = Crop(width / 2, height / 2, float(min(height, width)), size, height, width)
     if not args.face_detector:
-        crop = Crop(width / 2, height / 2, float(min(height, width)), size, height, width)
         mask = torch.zeros(1, 1, size, size)
         mask[..., size // 8: size * 7 // 8, size // 6: size * 5 // 6] = 1  # a centred face box
-        return crop, crop_image(original, crop), mask
-    detector = YuNetDetector(args.face_detector)
-    faces = detector.detect(original)[0]
+        return centre, crop_image(original, centre), mask, None
+    faces = YuNetDetector(args.face_detector).detect(original)[0]
     if not faces and args.whole_image_fallback:
-        crop = Crop(width / 2, height / 2, float(min(height, width)), size, height, width)
-        return crop, crop_image(original, crop), torch.ones(1, 1, size, size)
+        return centre, crop_image(original, centre), torch.ones(1, 1, size, size), None
     face = pick_face(faces, args.face_index, Path(args.image).name)
     crop = face_crop(face.box, height, width, size)
-    portrait = crop_image(original, crop)
-    (a, _, tx), (_, d, ty) = crop.matrix()[0].tolist()  # image pixels -> crop pixels
-    x0, y0, x1, y1 = expand_box(face.box, args.face_expand, height, width)
-    return crop, portrait, box_mask((a * x0 + tx, d * y0 + ty, a * x1 + tx, d * y1 + ty), size, size)
+    face = crop.map_face(face)
+    mask = box_mask(expand_box(face.box, args.face_expand, size, size), size, size)
+    return crop, crop_image(original, crop), mask, face
 
 
 def run_generate(args) -> Path:
     from .audio import Wav2Vec2Features, load_audio, random_audio_encoder
-    from .face import paste_back
+    from .face import hallo_region_masks, paste_back
     from .sampler import GenerationInputs, SamplerSettings, encode_reference, generate
     from .video import VideoWriter
     from .vae import DiffusersVAE, random_vae
@@ -102,8 +100,7 @@ def run_generate(args) -> Path:
             raise SystemExit("--checkpoint needs --vae and --audio-encoder (the VAE and wav2vec2 it was trained with)")
         model = load_model(args.checkpoint, dtype=dtype, device=device).eval()
         vae = DiffusersVAE.from_files(args.vae, dtype=dtype, device=device)
-        encoder_path = Path(args.audio_encoder)
-        encoder = Wav2Vec2Features.from_files(encoder_path, encoder_path.parent / "config.json", device=device)
+        encoder = Wav2Vec2Features.from_files(args.audio_encoder, device=device)
         size = args.size or 512
     else:
         from .config import preset
@@ -124,10 +121,11 @@ def run_generate(args) -> Path:
     waveform = load_audio(args.audio)
     features, audio_length = encoder(waveform.to(encoder.model.device), fps=fps, clip_length=cfg.frames_per_clip)
     original = load_image(args.image)
-    crop, portrait, mask = frame_portrait(original, size, args)
+    crop, portrait, mask, face = frame_portrait(original, size, args)
     image = (portrait * 2 - 1).to(device=device, dtype=dtype)
+    regions = hallo_region_masks(face, size, size) if face is not None and cfg.audio.module == "hallo" else None
     inputs = GenerationInputs(reference_latent=encode_reference(vae, image), audio_features=features,
-                              face_mask=mask.expand(-1, cfg.face_locator.in_channels, -1, -1),
+                              face_mask=mask.expand(-1, cfg.face_locator.in_channels, -1, -1), region_masks=regions,
                               speed=args.speed if cfg.speed else None, num_frames=audio_length)
     settings = SamplerSettings(steps=args.steps, guidance_scale=args.cfg, seed=args.seed, scheduler=args.scheduler)
 

@@ -169,6 +169,39 @@ def track_faces(detector: YuNetDetector, frames: torch.Tensor, face_index: int =
     return [f.box for f in filled], torch.stack([f.landmarks for f in filled]), found
 
 
+def hallo_region_masks(face: Face, height: int, width: int, levels: int = 4, face_expand: float = 1.2,
+                       lip_expand: float = 2.0) -> dict:
+    """Hallo's full / face / lip attention weights for its audio modules, per UNet level, from a YuNet face.
+
+    As Hallo's preprocessing: the face box (x1.2) and the lip box (x2.0) as masks at 64x64, Gaussian-blurred
+    (kernels 51 and 31) and min-max normalised; full = 1 - blurred face (the background), face = blurred face -
+    lip, lip = blurred lip; each resized to every level's latent grid (h/8, w/8 halved per level). Hallo takes
+    the boxes from mediapipe's silhouette and lip landmarks; here the face box is YuNet's and the lip box is built
+    from the two mouth corners (height half the mouth width), so the regions are close but not identical.
+    Returns {"full"|"face"|"lip": [per level (h_l * w_l,)]}, ready for GenerationInputs.region_masks."""
+    from kornia.filters import gaussian_blur2d
+
+    def blurred(box, kernel):
+        grid = F.interpolate(box_mask(box, height, width), size=(64, 64), mode="area")
+        sigma = 0.3 * ((kernel - 1) * 0.5 - 1) + 0.8  # OpenCV's default sigma for this kernel size
+        grid = gaussian_blur2d(grid, (kernel, kernel), (sigma, sigma), border_type="reflect")
+        return (grid - grid.min()) / (grid.max() - grid.min()).clamp_min(1e-6)
+
+    (mlx, mly), (mrx, mry) = face.landmarks[3].tolist(), face.landmarks[4].tolist()
+    half = 0.25 * math.hypot(mrx - mlx, mry - mly)
+    lip_box = (min(mlx, mrx), min(mly, mry) - half, max(mlx, mrx), max(mly, mry) + half)
+    face_map = blurred(expand_box(face.box, face_expand, height, width), 51)
+    lip_map = blurred(expand_box(lip_box, lip_expand, height, width), 31)
+    maps = {"full": 1 - face_map, "face": (face_map - lip_map).clamp_min(0), "lip": lip_map}
+    h, w = math.ceil(height / 8), math.ceil(width / 8)
+    out = {k: [] for k in maps}
+    for _ in range(levels):
+        for k, m in maps.items():
+            out[k].append(F.interpolate(m, size=(h, w), mode="bilinear", antialias=True).clamp(0, 1).flatten())
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return out
+
+
 # ---- head pose -------------------------------------------------------------------------------------------------
 
 # A mean face's 5 landmarks in millimetres, x right, y down, z towards the camera (nose tip at the origin), in
@@ -226,6 +259,13 @@ class Crop:
         """(1, 2, 3) affine from image pixels to crop pixels."""
         s = self.size / self.side
         return torch.tensor([[[s, 0.0, -s * (self.cx - self.side / 2)], [0.0, s, -s * (self.cy - self.side / 2)]]])
+
+    def map_face(self, face: Face) -> Face:
+        """The same face in crop pixels."""
+        s = self.size / self.side
+        offset = torch.tensor([self.cx - self.side / 2, self.cy - self.side / 2])
+        corners = (torch.tensor(face.box).reshape(2, 2) - offset) * s
+        return Face(tuple(corners.flatten().tolist()), (face.landmarks - offset) * s, face.score)
 
 
 def face_crop(box: tuple, height: int, width: int, size: int, scale: float = 2.2) -> Crop:

@@ -8,7 +8,8 @@ from kornia.geometry.transform import rotate
 from PIL import Image
 
 from emo_core.face import (NoFaceError, YuNetDetector, as_rgb, crop_image, face_crop, face_locator_masks, head_pose,
-                           paste_back, pick_face, portrait_face_mask, rotation_speed, track_faces)
+                           hallo_region_masks, paste_back, pick_face, portrait_face_mask, rotation_speed,
+                           track_faces)
 from emo_core.sampler import EMOInputError
 
 from .conftest import face_fixture_dir
@@ -152,3 +153,17 @@ def test_tracking_fills_frames_without_a_face(detector, photo):
     assert found.tolist() == [True, False, True] and boxes[1] == boxes[0]
     with pytest.raises(NoFaceError, match="any of the 2 frames"):
         track_faces(detector, torch.full((2, 3, 128, 128), 0.5))
+
+
+def test_hallo_region_masks(detector, photo):
+    face = pick_face(detector.detect(photo)[0])
+    masks = hallo_region_masks(face, 512, 512)
+    assert [m.numel() for m in masks["lip"]] == [64 * 64, 32 * 32, 16 * 16, 8 * 8]  # the sampler's levels
+    lip, face_map, full = (masks[k][0].reshape(64, 64) for k in ("lip", "face", "full"))
+    at = lambda grid, point: float(grid[int(point[1] / 8), int(point[0] / 8)])  # noqa: E731 (64x64 latent grid)
+    mouth, eye = (face.landmarks[3] + face.landmarks[4]) / 2, face.landmarks[0]
+    assert at(lip, mouth) > 0.9 and at(lip, mouth) > at(lip, eye) and lip[5, 5] < 0.05  # lips: the mouth
+    assert at(face_map, eye) > 0.2 > at(face_map, mouth)  # face: the face without the lips
+    assert at(full, eye) < 0.1 and full[2, 60] > 0.9  # full: the background
+    for kind in masks.values():
+        assert all(float(m.min()) >= 0 and float(m.max()) <= 1 for m in kind)
