@@ -25,6 +25,12 @@ SAMPLE_RATE = 16000
 def load_audio(path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """Decode any audio file PyAV reads -> mono float32 (n,) at `sample_rate`. Channels are averaged before
     resampling, and resampling is libsoxr "HQ", as librosa does for Hallo."""
+    samples, rate = read_audio(path)
+    return to_mono(samples, rate, sample_rate)
+
+
+def read_audio(path) -> tuple[torch.Tensor, int]:
+    """Decode any audio file PyAV reads -> (samples (channels, n) float32, sample rate), as stored."""
     import av
 
     path = Path(path)
@@ -42,7 +48,7 @@ def load_audio(path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
         raise ValueError(f"{path.name}: cannot decode audio ({e})") from e
     if not chunks:
         raise ValueError(f"{path.name} contains no audio samples")
-    return to_mono(torch.from_numpy(np.concatenate(chunks, axis=1)), rate, sample_rate)
+    return torch.from_numpy(np.concatenate(chunks, axis=1)), rate
 
 
 def to_mono(samples: torch.Tensor, rate: int, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
@@ -137,7 +143,7 @@ class Wav2Vec2Features:
         audio_length = seq_len
         if clip_length and seq_len % clip_length:
             extra = clip_length - seq_len % clip_length
-            x = torch.cat([x, x.new_zeros(extra * (SAMPLE_RATE // int(fps)))])  # zeros after normalisation
+            x = torch.cat([x, x.new_zeros(extra * int(SAMPLE_RATE // fps))])  # zeros after normalisation
             seq_len += extra
         return x, seq_len, audio_length
 
@@ -151,6 +157,8 @@ class Wav2Vec2Features:
         as Hallo does. Longer audio, whose attention would grow with the square of its length, is encoded in
         windows of `max_frames` frames that also see `context` frames on each side; only each window's interior is
         kept. The convolutional features are exact in both cases. `progress(done, total)` is called per window."""
+        if not fps > 0:
+            raise ValueError(f"fps must be positive, got {fps}")
         if waveform.ndim != 1 or waveform.numel() < 400:
             raise ValueError(f"audio must be mono and at least 400 samples (25 ms) long, got shape "
                              f"{tuple(waveform.shape)}")
@@ -174,7 +182,7 @@ class Wav2Vec2Features:
                 progress(i + 1, len(starts))
         return torch.cat(features), audio_length
 
-    def conv_features(self, x: torch.Tensor, chunk_frames: int = 30000) -> torch.Tensor:
+    def conv_features(self, x: torch.Tensor, chunk_frames: int = 1500) -> torch.Tensor:
         """The convolutional feature encoder on (N,) samples -> (1, C, T), T = (N - 400) // 320 + 1, computed in
         chunks of `chunk_frames` output frames so memory stays bounded. Exact: every chunk sees its whole receptive
         field, and the first layer's per-channel normalisation over the whole signal ("group" norm) uses
@@ -215,18 +223,21 @@ def random_audio_encoder(layers: int, hidden: int, seed: int = 0) -> Wav2Vec2Fea
 
 
 def _channel_stats(conv, x: torch.Tensor, chunk: int):
-    """Per-channel mean and (biased) variance over time of conv(x), gathered chunk by chunk in float64."""
+    """Per-channel mean and (biased) variance over time of conv(x), chunk by chunk: each chunk's own statistics,
+    combined in float64 with the parallel-variance rule (no full-size float64 copies)."""
     kernel, stride = conv.kernel_size[0], conv.stride[0]
     frames = (x.shape[0] - kernel) // stride + 1
-    total = total_sq = 0
+    count, mean, m2 = 0, 0.0, 0.0
     for u0 in range(0, frames, chunk):
         u1 = min(frames, u0 + chunk)
-        y = conv(x[stride * u0: stride * (u1 - 1) + kernel][None, None])[0].double()  # (C, u1 - u0)
-        total = total + y.sum(1)
-        total_sq = total_sq + (y * y).sum(1)
-    mean = total / frames
-    var = total_sq / frames - mean * mean
-    return mean.to(x.dtype)[:, None], var.clamp_min(0).to(x.dtype)[:, None]
+        y = conv(x[stride * u0: stride * (u1 - 1) + kernel][None, None])[0]  # (C, u1 - u0)
+        var_c, mean_c = torch.var_mean(y, dim=1, unbiased=False)
+        n = u1 - u0
+        delta = mean_c.double() - mean
+        mean = mean + delta * n / (count + n)
+        m2 = m2 + var_c.double() * n + delta * delta * count * n / (count + n)
+        count += n
+    return mean.to(x.dtype)[:, None], (m2 / count).to(x.dtype)[:, None]
 
 
 def _wav2vec2_keys(state_dict: dict) -> dict:

@@ -37,6 +37,7 @@ def generate_parser(sub):
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp", "unipc"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=float, default=None, help="video frame rate (default: the model's, 25)")
+    p.add_argument("--crf", type=int, default=18, help="H.264 quality: 0 lossless .. 51 worst (default 18)")
     p.add_argument("--speed", type=float, default=None, help="head motion speed in degrees per frame (EMO models)")
     p.add_argument("--face-detector", help="YuNet weights (yunet_final.pth) for the face box, a face-centred crop "
                                            "of any portrait size and the paste-back; without it the portrait is "
@@ -53,14 +54,23 @@ def generate_parser(sub):
 
 
 def load_image(path) -> torch.Tensor:
-    """Any image PIL reads (grey, RGBA, any size) -> (1, 3, H, W) in [0, 1]."""
+    """Any image PIL reads (8/16-bit grey, RGB, RGBA composited on black, any size) -> (1, 3, H, W) in [0, 1]."""
     from PIL import Image, ImageOps
 
+    from .face import as_rgb
+
     try:
-        image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+        image = ImageOps.exif_transpose(Image.open(path))
+        if image.mode.startswith("I"):  # 16-bit grey (or 32-bit holding 8- or 16-bit values)
+            pixels = np.array(image, dtype=np.float32)[..., None]
+            pixels /= 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        elif image.mode == "F":
+            pixels = np.clip(np.array(image, dtype=np.float32), 0, 1)[..., None]
+        else:
+            pixels = np.array(image.convert("RGBA"), dtype=np.float32) / 255.0
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
-    return torch.from_numpy(np.array(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return as_rgb(torch.from_numpy(pixels).permute(2, 0, 1)[None].clamp(0, 1))
 
 
 def frame_portrait(original: torch.Tensor, size: int, args):
@@ -86,7 +96,7 @@ def frame_portrait(original: torch.Tensor, size: int, args):
 
 
 def run_generate(args) -> Path:
-    from .audio import Wav2Vec2Features, load_audio, random_audio_encoder
+    from .audio import Wav2Vec2Features, load_audio, random_audio_encoder, read_audio
     from .face import hallo_region_masks, paste_back
     from .sampler import GenerationInputs, SamplerSettings, encode_reference, generate
     from .video import VideoWriter
@@ -116,7 +126,7 @@ def run_generate(args) -> Path:
         encoder = random_audio_encoder(cfg.audio.layers, cfg.audio.channels)
         size = args.size or 64
     cfg = model.cfg
-    fps = args.fps or cfg.fps
+    fps = cfg.fps if args.fps is None else args.fps
 
     waveform = load_audio(args.audio)
     features, audio_length = encoder(waveform.to(encoder.model.device), fps=fps, clip_length=cfg.frames_per_clip)
@@ -139,7 +149,8 @@ def run_generate(args) -> Path:
                   f"{time.perf_counter() - started:.1f}s", end="" if tty else "\n", file=sys.stderr, flush=True)
 
     metadata = {"comment": f"EMO for ComfyUI; seed {args.seed}; checkpoint {args.checkpoint or 'tiny random'}"}
-    with VideoWriter(args.out, fps, audio=waveform.numpy(), sample_rate=16000, metadata=metadata) as writer:
+    sound, rate = read_audio(args.audio)  # the video keeps the audio as it was, not the 16 kHz mono model input
+    with VideoWriter(args.out, fps, audio=sound.numpy(), sample_rate=rate, crf=args.crf, metadata=metadata) as writer:
         for clip in generate(model, inputs, settings, codec=vae, progress=progress):
             frames = vae.decode(clip.latents[0].transpose(0, 1)).float().cpu()  # (F, 3, size, size) in [0, 1]
             writer.write(frames if args.crop_only else paste_back(frames, original, crop))

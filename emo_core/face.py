@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from kornia.contrib import FaceDetector
+from kornia.contrib.face_detection import YuNet, nms_kornia
 from kornia.geometry.transform import warp_affine
-from kornia.models.yunet.model import YuNet
 from torch import nn
 
 from .sampler import EMOInputError
@@ -52,8 +52,6 @@ class YuNetDetector(FaceDetector):
         self.steps, self.variance, self.clip = [8, 16, 32, 64], [0.1, 0.2], False
         self.config = {"name": "YuNet", "min_sizes": self.min_sizes, "steps": self.steps,
                        "variance": self.variance, "clip": self.clip}
-        from kornia.contrib.face_detection import nms_kornia
-
         self.nms = nms_kornia
         self.model = YuNet("test", pretrained=False)
         state_dict, _ = read_state_dict(weights)
@@ -96,8 +94,9 @@ def pick_face(faces: list, index: int = 0, what: str = "the image") -> Face:
     if not faces:
         raise NoFaceError(f"no face found in {what}: use a portrait with a clearly visible face, give a face mask "
                           f"yourself, or allow the whole-image fallback")
-    if index >= len(faces):
-        raise EMOInputError(f"face index {index} asked for, but only {len(faces)} face(s) were found in {what}")
+    if not 0 <= index < len(faces):
+        raise EMOInputError(f"face index {index} asked for, but {len(faces)} face(s) were found in {what} "
+                            f"(0 = the largest)")
     return faces[index]
 
 
@@ -125,6 +124,9 @@ def box_mask(box: tuple, height: int, width: int) -> torch.Tensor:
 def face_locator_masks(boxes: list, height: int, width: int, clip_length: int, expand: float = 1.2) -> torch.Tensor:
     """The paper's face-locator mask: per clip, the union of the (expanded) face boxes of its frames.
     boxes: one box per frame. Returns (frames, 1, H, W)."""
+    if not boxes or clip_length < 1:
+        raise EMOInputError(f"need one face box per frame and a clip length >= 1, got {len(boxes)} boxes and "
+                            f"clip length {clip_length}")
     masks = []
     for start in range(0, len(boxes), clip_length):
         clip = union_box([expand_box(b, expand, height, width) for b in boxes[start:start + clip_length]])
@@ -138,11 +140,12 @@ def portrait_face_mask(detector: YuNetDetector | None, image: torch.Tensor, expa
     always wins. No face: an error, or with fallback="whole_image" a mask of the whole image."""
     height, width = image.shape[-2:]
     if user_mask is not None:
-        mask = user_mask.reshape(1, 1, *user_mask.shape[-2:]).float()
-        if tuple(mask.shape[-2:]) != (height, width):
-            raise EMOInputError(f"face mask is {tuple(mask.shape[-2:])}, the image {(height, width)}: give a mask "
-                                f"of the image's size")
-        return (mask > 0.5).float()
+        if user_mask.numel() != height * width:
+            raise EMOInputError(f"face mask has shape {tuple(user_mask.shape)}, the image is {height}x{width}: give "
+                                f"one mask of the image's size")
+        return (user_mask.reshape(1, 1, height, width).float() > 0.5).float()
+    if detector is None:
+        raise EMOInputError("no face mask given and no face detector loaded: give one of them")
     if fallback not in ("error", "whole_image"):
         raise EMOInputError(f"fallback must be 'error' or 'whole_image', got {fallback!r}")
     faces = detector.detect(image)[0]
@@ -153,13 +156,20 @@ def portrait_face_mask(detector: YuNetDetector | None, image: torch.Tensor, expa
 
 
 def track_faces(detector: YuNetDetector, frames: torch.Tensor, face_index: int = 0, batch: int = 16):
-    """Per video frame (S, C, H, W): the chosen face's box and landmarks. Frames where no face is found take the
-    nearest earlier (else later) detection. Returns (boxes [S x (x0, y0, x1, y1)], landmarks (S, 5, 2),
+    """Per video frame (S, C, H, W): the chosen face's box and landmarks. The face is chosen by size rank in the
+    first frame that has one, then followed by overlap (so two people never swap). Frames where it is not found
+    take the nearest earlier (else later) detection. Returns (boxes [S x (x0, y0, x1, y1)], landmarks (S, 5, 2),
     found (S,) bool)."""
-    picked = []
+    picked, previous = [], None
     for start in range(0, frames.shape[0], batch):
         for faces in detector.detect(frames[start:start + batch]):
-            picked.append(faces[face_index] if len(faces) > face_index else None)
+            if previous is None:
+                face = faces[face_index] if len(faces) > face_index else None
+            else:
+                best = max(faces, key=lambda f: _iou(f.box, previous.box), default=None)
+                face = best if best is not None and _iou(best.box, previous.box) > 0.1 else None
+            picked.append(face)
+            previous = face or previous
     found = torch.tensor([f is not None for f in picked])
     if not found.any():
         raise NoFaceError(f"no face found in any of the {frames.shape[0]} frames")
@@ -202,14 +212,20 @@ def hallo_region_masks(face: Face, height: int, width: int, levels: int = 4, fac
     return out
 
 
+def _iou(a: tuple, b: tuple) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 # ---- head pose -------------------------------------------------------------------------------------------------
 
-# A mean face's 5 landmarks in millimetres, x right, y down, z towards the camera (nose tip at the origin), in
-# YuNet's order: eye left, eye right, nose, mouth left, mouth right (left / right as seen in the image). The
-# proportions are those of YuNet's landmarks on a frontal photo (eye line 36 mm above the nose tip, mouth
-# corners 22 mm below it), so a frontal face reads close to (0, 0, 0).
-FACE_MODEL_3D = torch.tensor([[-32.0, -36.0, -30.0], [32.0, -36.0, -30.0], [0.0, 0.0, 0.0],
-                              [-28.0, 22.0, -22.0], [28.0, 22.0, -22.0]])
+# A mean face's 5 landmarks in millimetres, in right-handed camera axes (x right, y down, z away from the
+# camera; nose tip at the origin), in YuNet's order: eye left, eye right, nose, mouth left, mouth right (left /
+# right as seen in the image). The proportions are those of YuNet's landmarks on a frontal photo (eye line 36 mm
+# above the nose tip, mouth corners 22 mm below it), so a frontal face reads close to (0, 0, 0).
+FACE_MODEL_3D = torch.tensor([[-32.0, -36.0, 30.0], [32.0, -36.0, 30.0], [0.0, 0.0, 0.0],
+                              [-28.0, 22.0, 22.0], [28.0, 22.0, 22.0]])
 
 
 def head_pose(landmarks: torch.Tensor) -> torch.Tensor:
@@ -233,6 +249,8 @@ def rotation_speed(poses: torch.Tensor, smooth: int = 5) -> torch.Tensor:
     """(S, 3) yaw/pitch/roll per frame -> (S,) head rotation speed in degrees per frame, the quantity the speed
     layers are conditioned on. Per-frame poses from 5 landmarks jitter by a few degrees, so they are first
     averaged over `smooth` frames (centred, edges repeated); the first frame repeats the second's speed."""
+    if smooth < 1 or smooth % 2 == 0:
+        raise ValueError(f"smooth must be an odd number of frames, got {smooth}")
     if poses.shape[0] < 2:
         return torch.zeros(poses.shape[0])
     if smooth > 1:
@@ -282,7 +300,14 @@ def face_crop(box: tuple, height: int, width: int, size: int, scale: float = 2.2
 
 
 def crop_image(images: torch.Tensor, crop: Crop) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, 3, size, size); outside the image the border pixels are repeated."""
+    """(N, 3, H, W) -> (N, 3, size, size); outside the image the border pixels are repeated. A crop that shrinks
+    the image by more than 1.5x first resizes the whole image with antialiasing, so fine detail does not alias."""
+    shrink = crop.side / crop.size
+    if shrink > 1.5:
+        small = F.interpolate(images, scale_factor=1 / shrink, mode="bilinear", antialias=True)
+        scale_y, scale_x = small.shape[-2] / images.shape[-2], small.shape[-1] / images.shape[-1]
+        crop = Crop(crop.cx * scale_x, crop.cy * scale_y, crop.side * scale_x, crop.size, *small.shape[-2:])
+        images = small
     m = crop.matrix().to(images).expand(images.shape[0], -1, -1)
     return warp_affine(images, m, (crop.size, crop.size), mode="bilinear", padding_mode="border", align_corners=False)
 

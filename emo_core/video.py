@@ -16,14 +16,23 @@ import torch
 class VideoWriter:
     def __init__(self, path, fps: float, audio: torch.Tensor | None = None, sample_rate: int = 16000,
                  crf: int = 18, metadata: dict | None = None):
-        """audio: (n,) mono or (channels, n) float in [-1, 1] at `sample_rate`, or None for a silent video."""
+        """audio: (n,) mono or (channels, n) float in [-1, 1] at `sample_rate` (the first two channels are kept), or
+        None for a silent video. crf: H.264 quality, 0 (lossless) .. 51 (worst); 18 is visually lossless."""
         import av
 
+        if not fps > 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        if not 0 <= crf <= 51:
+            raise ValueError(f"crf (H.264 quality) must be between 0 and 51, got {crf}")
+        if audio is not None:
+            audio = np.atleast_2d(np.asarray(audio, dtype=np.float32))
+            if audio.ndim != 2 or audio.shape[0] > 16 or audio.shape[1] == 0:
+                raise ValueError(f"audio must be (samples,) or (channels, samples), got {audio.shape}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fps = Fraction(fps).limit_denominator(1001)
         self.crf, self.frames = crf, 0
-        self.audio = None if audio is None else np.atleast_2d(np.asarray(audio, dtype=np.float32))
+        self.audio = audio
         self.sample_rate = sample_rate
         self.container = av.open(str(self.path), mode="w")
         for key, value in (metadata or {}).items():
@@ -35,10 +44,13 @@ class VideoWriter:
         """frames: (N, H, W, 3) in [0, 1] (ComfyUI IMAGE layout) or (N, 3, H, W)."""
         import av
 
-        if frames.ndim != 4:
+        if frames.ndim != 4 or 3 not in (frames.shape[1], frames.shape[-1]):
             raise ValueError(f"frames must be (N, H, W, 3) or (N, 3, H, W), got {tuple(frames.shape)}")
         if frames.shape[-1] != 3:
             frames = frames.permute(0, 2, 3, 1)
+        if self.video is not None and frames.shape[1:3] != self.size:
+            raise ValueError(f"every frame must have the size of the first ({self.size}), got {tuple(frames.shape[1:3])}")
+        self.size = tuple(frames.shape[1:3])
         pixels = (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         if self.video is None:
             height, width = pixels.shape[1:3]

@@ -242,3 +242,49 @@ def test_main_command_without_a_face(tmp_path):
     assert run.returncode != 0 and "no face found in wall.png" in run.stderr and "Traceback" not in run.stderr
     run = subprocess.run(args + ["--whole-image-fallback"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_non_integer_frame_rates(encoder, tmp_path):
+    waveform = speechlike(2.0)
+    features, length = encoder(waveform, fps=29.97, clip_length=12)
+    assert length == frame_count(waveform.shape[0], 29.97) == 60 and features.shape[0] == 60
+    with pytest.raises(ValueError, match="fps"):
+        encoder(waveform, fps=0)
+    path = tmp_path / "ntsc.mp4"
+    with VideoWriter(path, 29.97, audio=waveform.numpy()) as writer:
+        writer.write(torch.rand(48, 32, 32, 3))
+    with av.open(str(path)) as c:
+        assert float(c.streams.video[0].average_rate) == pytest.approx(29.97, abs=1e-3)
+        assert sum(1 for _ in c.decode(c.streams.video[0])) == 48
+    for bad in (dict(fps=0), dict(fps=25, crf=99)):
+        with pytest.raises(ValueError):
+            VideoWriter(tmp_path / "bad.mp4", **bad)
+    writer = VideoWriter(tmp_path / "sizes.mp4", 25)
+    writer.write(torch.rand(2, 32, 32, 3))
+    with pytest.raises(ValueError, match="size of the first"):
+        writer.write(torch.rand(2, 48, 32, 3))
+
+
+def test_main_command_keeps_the_audio_and_reads_any_image(tmp_path):
+    from PIL import Image
+
+    grey16 = (np.linspace(0, 65535, 96 * 80).reshape(80, 96)).astype(np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    Image.new("RGBA", (90, 70), (200, 150, 100, 128)).save(tmp_path / "rgba.png")
+    sound = np.stack([speechlike(1.0, 48000).numpy(), 0.3 * speechlike(1.0, 48000, seed=1).numpy()])
+    write_wav(tmp_path / "song.wav", sound, 48000)
+    from emo_core.cli import load_image
+
+    grey = load_image(tmp_path / "grey16.png")
+    assert grey.shape == (1, 3, 80, 96) and 0.45 < float(grey.mean()) < 0.55  # 16-bit values scaled, not clipped
+    rgba = load_image(tmp_path / "rgba.png")
+    assert torch.allclose(rgba[0, :, 0, 0], torch.tensor([200, 150, 100]) / 255 * 128 / 255, atol=0.01)
+    out = tmp_path / "song.mp4"
+    run = subprocess.run([sys.executable, "-m", "emo_core", "generate", "--image", str(tmp_path / "grey16.png"),
+                          "--audio", str(tmp_path / "song.wav"), "--out", str(out), "--steps", "1", "--crf", "30"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with av.open(str(out)) as c:
+        audio = c.streams.audio[0]
+        assert (audio.codec_context.sample_rate, audio.codec_context.channels) == (48000, 2)  # as given
+        assert (c.streams.video[0].width, c.streams.video[0].height) == (96, 80)

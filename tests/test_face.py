@@ -68,8 +68,20 @@ def test_two_faces_largest_or_by_index(detector, photo):
     faces = detector.detect(canvas)[0]
     assert len(faces) == 2
     assert pick_face(faces).box[0] < 512 and pick_face(faces, 1).box[0] > 600
-    with pytest.raises(EMOInputError, match="only 2 face"):
-        pick_face(faces, 2)
+    for bad in (2, -1):
+        with pytest.raises(EMOInputError, match="but 2 face"):
+            pick_face(faces, bad)
+
+
+def test_tracking_follows_one_person(detector, photo):
+    """Two people of about the same size: the one picked first is followed even when the other grows larger."""
+    def frame(left, right):
+        canvas = torch.full((1, 3, 300, 640), 0.8)
+        canvas[..., 20:20 + left, 10:10 + left] = F.interpolate(photo, size=(left, left), mode="area")
+        canvas[..., 20:20 + right, 330:330 + right] = F.interpolate(photo, size=(right, right), mode="area")
+        return canvas
+    boxes, _, found = track_faces(detector, torch.cat([frame(270, 240), frame(250, 260), frame(240, 270)]))
+    assert found.all() and all(box[0] < 320 for box in boxes)
 
 
 def test_face_at_the_border(detector, photo):
