@@ -42,6 +42,8 @@ def generate_parser(sub):
     p.add_argument("--face-detector", help="YuNet weights (yunet_final.pth) for the face box, a face-centred crop "
                                            "of any portrait size and the paste-back; without it the portrait is "
                                            "centre-cropped and the face assumed in its middle")
+    p.add_argument("--face-mask", help="an image of the portrait's size, white where the face is; always wins over "
+                                       "detection, and frames the crop")
     p.add_argument("--face-expand", type=float, default=1.2, help="face box expansion for the face-locator mask")
     p.add_argument("--face-index", type=int, default=0, help="which face when there are several (0 = largest)")
     p.add_argument("--whole-image-fallback", action="store_true",
@@ -81,6 +83,17 @@ def frame_portrait(original: torch.Tensor, size: int, args):
 
     height, width = original.shape[-2:]
     centre = Crop(width / 2, height / 2, float(min(height, width)), size, height, width)
+    if args.face_mask:  # the user's mask wins
+        user = load_image(args.face_mask)[:, :1]
+        if user.shape[-2:] != original.shape[-2:]:
+            raise ValueError(f"face mask {args.face_mask} is {user.shape[-1]}x{user.shape[-2]}, the portrait "
+                             f"{width}x{height}: give a mask of the portrait's size")
+        ys, xs = torch.nonzero(user[0, 0] > 0.5, as_tuple=True)
+        if len(xs) == 0:
+            raise ValueError(f"face mask {args.face_mask} is empty: paint the face white")
+        crop = face_crop((float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1), height, width,
+                         size)
+        return crop, crop_image(original, crop), (crop_image(user, crop) > 0.5).float(), None
     if not args.face_detector:
         mask = torch.zeros(1, 1, size, size)
         mask[..., size // 8: size * 7 // 8, size // 6: size * 5 // 6] = 1  # a centred face box

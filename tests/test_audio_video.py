@@ -242,6 +242,16 @@ def test_main_command_without_a_face(tmp_path):
     assert run.returncode != 0 and "no face found in wall.png" in run.stderr and "Traceback" not in run.stderr
     run = subprocess.run(args + ["--whole-image-fallback"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
+    mask = Image.new("L", (200, 160), 0)
+    mask.paste(255, (60, 30, 120, 110))
+    mask.save(tmp_path / "mask.png")
+    run = subprocess.run(args + ["--face-mask", str(tmp_path / "mask.png")], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)  # the user's mask wins: no detection needed
+    assert run.returncode == 0, run.stderr[-2000:]
+    Image.new("L", (200, 160), 0).save(tmp_path / "empty.png")
+    run = subprocess.run(args + ["--face-mask", str(tmp_path / "empty.png")], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode != 0 and "is empty" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_non_integer_frame_rates(encoder, tmp_path):
