@@ -118,8 +118,9 @@ def generate(model, inputs: GenerationInputs, settings: SamplerSettings = Sample
     activations are computed (default: those of the model's weights; ComfyUI passes its own, which can differ
     from the storage dtype)."""
     cfg = model.cfg
-    device = torch.device(device) if device is not None else model.device
-    dtype = dtype or model.dtype
+    weight = model.backbone.conv_in.weight
+    device = torch.device(device) if device is not None else weight.device
+    dtype = dtype or weight.dtype
     stats = stats if stats is not None else SamplerStats()
     frames = _default(settings.frames_per_clip, cfg.frames_per_clip)
     motion = _default(settings.motion_frames, cfg.motion_frames)

@@ -34,7 +34,8 @@ class VideoWriter:
         self.crf, self.frames = crf, 0
         self.audio = audio
         self.sample_rate = sample_rate
-        self.container = av.open(str(self.path), mode="w")
+        # use_metadata_tags: mp4 keeps custom keys (e.g. ComfyUI's "prompt" and "workflow"), as ComfyUI writes them
+        self.container = av.open(str(self.path), mode="w", options={"movflags": "use_metadata_tags"})
         for key, value in (metadata or {}).items():
             self.container.metadata[key] = str(value)
         self.video = self.audio_stream = None

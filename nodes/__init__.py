@@ -1,1 +1,35 @@
-"""ComfyUI nodes of the EMO pack: thin adapters over `emo_core` (see ../shared/DESIGN.md section 3)."""
+"""ComfyUI nodes of the EMO pack: thin adapters over `emo_core` (see ../shared/DESIGN.md section 3).
+
+Importing this package only declares node schemas and model folders; torch-heavy modules (emo_core, diffusers,
+transformers, kornia) are imported inside `execute`, so that loading the pack stays fast and touches no GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import ComfyExtension, io
+
+from .nodes import EMOEncodeAudio, EMOFaceMask, EMOLoader, EMOReferenceNet, EMOSampler, EMOVideoCombine
+
+MODEL_FOLDERS = {
+    "emo": "EMO-family checkpoints: our .safetensors and Hallo's net.pth",
+    "face_detection": "YuNet face-detector weights (yunet_final.pth)",
+}
+
+
+def register_model_folders() -> None:
+    """models/emo and models/face_detection, added so that paths from extra_model_paths.yaml are kept."""
+    for key in MODEL_FOLDERS:
+        folder_paths.add_model_folder_path(key, os.path.join(folder_paths.models_dir, key))
+        paths, extensions = folder_paths.folder_names_and_paths[key]
+        folder_paths.folder_names_and_paths[key] = (paths, set(extensions) | set(folder_paths.supported_pt_extensions))
+
+
+class EMOExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [EMOLoader, EMOEncodeAudio, EMOFaceMask, EMOReferenceNet, EMOSampler, EMOVideoCombine]
+
+
+register_model_folders()

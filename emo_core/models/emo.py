@@ -39,14 +39,6 @@ class EMONet(nn.Module):
             s = cfg.speed
             self.speed_encoder = SpeedEncoder(s.centres(), s.radii(), s.window, s.tokens, s.dim, **kw)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.backbone.conv_in.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.backbone.conv_in.weight.device
-
     def reference_features(self, latents: torch.Tensor, context: torch.Tensor | None) -> list:
         """latents: (R, 4, h, w) scaled VAE latents; context: (R, T, D) identity tokens or None.
         Returns per spatial transformer (R, L, C), rounded through float16 when the config says so (Hallo)."""

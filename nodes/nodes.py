@@ -1,0 +1,203 @@
+"""The EMO nodes (V3 schema). Each one converts ComfyUI types, asks ComfyUI's memory manager for the model, and
+calls emo_core. Heavy imports happen inside `execute`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from .types import EMO_AUDIO, EMO_MODEL, EMO_REFERENCE, EMOAudio, EMOModel, EMOReference
+
+CATEGORY = "EMO"
+SCHEDULERS = ["ddim", "dpmpp", "unipc"]
+PRECISIONS = ["auto", "fp16", "bf16", "fp32"]
+
+
+class EMOLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EMOLoader", display_name="Load EMO", category=CATEGORY,
+            description="Loads an EMO-family checkpoint from models/emo: this pack's .safetensors or Hallo's net.pth "
+                        "(format detected). ComfyUI decides where it lives and when it is offloaded.",
+            inputs=[
+                io.Combo.Input("checkpoint", options=folder_paths.get_filename_list("emo"),
+                               tooltip="A file in models/emo: an EMO checkpoint of this pack or Hallo's net.pth."),
+                io.Combo.Input("precision", options=PRECISIONS, default="auto",
+                               tooltip="Weight precision; auto picks what this device runs best."),
+            ],
+            outputs=[EMO_MODEL.Output(display_name="emo_model")],
+        )
+
+    @classmethod
+    def execute(cls, checkpoint, precision) -> io.NodeOutput:
+        from .runtime import load_emo_model
+
+        path = folder_paths.get_full_path("emo", checkpoint)
+        if path is None:
+            raise FileNotFoundError(f"EMO checkpoint {checkpoint!r} not found in models/emo "
+                                    f"({folder_paths.get_folder_paths('emo')}). Put this pack's checkpoint or "
+                                    f"Hallo's net.pth (from the fudan-generative-vision/hallo release) there.")
+        return io.NodeOutput(load_emo_model(path, precision))
+
+
+class EMOEncodeAudio(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EMOEncodeAudio", display_name="EMO Encode Audio", category=CATEGORY,
+            description="Speech or singing -> one wav2vec2 feature vector per video frame, computed the way the "
+                        "loaded checkpoint expects (for Hallo-style models exactly Hallo's way).",
+            inputs=[
+                EMO_MODEL.Input("emo_model", tooltip="The model the features are for (layers, clip length)."),
+                io.AudioEncoder.Input("audio_encoder", tooltip="wav2vec2 from Load Audio Encoder (models/"
+                                      "audio_encoders); only its weights are used, not ComfyUI's encoding."),
+                io.Audio.Input("audio", tooltip="Any sample rate, mono or stereo."),
+                io.Float.Input("fps", default=25.0, min=1.0, max=120.0, step=0.01,
+                               tooltip="Frame rate of the video to generate."),
+            ],
+            outputs=[EMO_AUDIO.Output(display_name="emo_audio"),
+                     io.Audio.Output(display_name="audio", tooltip="The audio cut or padded to the video's length.")],
+        )
+
+    @classmethod
+    def execute(cls, emo_model: EMOModel, audio_encoder, audio, fps) -> io.NodeOutput:
+        from .runtime import encode_audio
+
+        return io.NodeOutput(*encode_audio(emo_model, audio_encoder, audio, fps))
+
+
+class EMOFaceMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EMOFaceMask", display_name="EMO Face Mask", category=CATEGORY,
+            description="Finds the face (YuNet) and returns the face-locator mask: the expanded face box.",
+            inputs=[
+                io.Image.Input("image", tooltip="The portrait (or video frames)."),
+                io.Combo.Input("detector", options=folder_paths.get_filename_list("face_detection"),
+                               tooltip="YuNet weights (yunet_final.pth) in models/face_detection."),
+                io.Float.Input("expand", default=1.2, min=1.0, max=3.0, step=0.05,
+                               tooltip="Scale of the face box about its centre."),
+                io.Int.Input("face_index", default=0, min=0, max=31,
+                             tooltip="Which face when there are several: 0 = the largest."),
+                io.Boolean.Input("whole_image_if_no_face", default=False,
+                                 tooltip="Without a face: use the whole image instead of stopping with an error."),
+            ],
+            outputs=[io.Mask.Output(display_name="face_mask")],
+        )
+
+    @classmethod
+    def execute(cls, image, detector, expand, face_index, whole_image_if_no_face) -> io.NodeOutput:
+        from .runtime import face_masks
+
+        path = folder_paths.get_full_path("face_detection", detector)
+        if path is None:
+            raise FileNotFoundError(f"face detector {detector!r} not found in models/face_detection: put YuNet's "
+                                    f"yunet_final.pth (kornia's face detector weights) there")
+        return io.NodeOutput(face_masks(path, image, expand, face_index, whole_image_if_no_face))
+
+
+class EMOReferenceNet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EMOReferenceNet", display_name="EMO ReferenceNet", category=CATEGORY,
+            description="Encodes the portrait with the VAE for ReferenceNet: identity and appearance of the video.",
+            inputs=[
+                EMO_MODEL.Input("emo_model", tooltip="The EMO model."),
+                io.Image.Input("image", tooltip="The portrait; width and height must be multiples of 8 (the "
+                                                "first image of a batch is used)."),
+                io.Vae.Input("vae", tooltip="The SD1.5 VAE the model was trained with (e.g. sd-vae-ft-mse)."),
+            ],
+            outputs=[EMO_REFERENCE.Output(display_name="reference")],
+        )
+
+    @classmethod
+    def execute(cls, emo_model: EMOModel, image, vae) -> io.NodeOutput:
+        from .runtime import encode_reference
+
+        return io.NodeOutput(encode_reference(emo_model, image, vae))
+
+
+class EMOSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EMOSampler", display_name="EMO Audio-Driven Sampler", category=CATEGORY,
+            description="Generates the video clip by clip from the portrait and the audio. Outputs the latents of "
+                        "all frames (decode them with VAE Decode).",
+            inputs=[
+                EMO_MODEL.Input("emo_model", tooltip="The EMO model."),
+                EMO_REFERENCE.Input("reference", tooltip="The portrait from EMO ReferenceNet."),
+                EMO_AUDIO.Input("emo_audio", tooltip="The audio from EMO Encode Audio."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=True,
+                             tooltip="Noise seed: the same seed gives the same video."),
+                io.Int.Input("steps", default=40, min=1, max=200, tooltip="Denoising steps per clip."),
+                io.Float.Input("cfg", default=3.5, min=1.0, max=20.0, step=0.1,
+                               tooltip="Guidance scale; 1 disables classifier-free guidance (twice as fast)."),
+                io.Combo.Input("scheduler", options=SCHEDULERS, default="ddim",
+                               tooltip="ddim (the papers'), dpmpp (DPM-Solver++) or unipc."),
+                io.Int.Input("frames_per_clip", default=0, min=0, max=32,
+                             tooltip="Frames generated per clip; 0 = the model's own (EMO 12, Hallo 16)."),
+                io.Int.Input("motion_frames", default=-1, min=-1, max=16,
+                             tooltip="Frames of the previous clip carried into the next; -1 = the model's own."),
+                io.Float.Input("speed", default=2.0, min=0.0, max=10.0, step=0.1,
+                               tooltip="Head motion speed in degrees per frame (EMO models with speed layers)."),
+                io.Mask.Input("face_mask", optional=True,
+                              tooltip="Face region (EMO Face Mask): one mask, or one per frame."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, emo_model: EMOModel, reference: EMOReference, emo_audio: EMOAudio, seed, steps, cfg, scheduler,
+                frames_per_clip, motion_frames, speed, face_mask=None) -> io.NodeOutput:
+        from .runtime import sample
+
+        latents = sample(emo_model, reference, emo_audio, face_mask, seed=seed, steps=steps, cfg=cfg,
+                         scheduler=scheduler, frames_per_clip=frames_per_clip or None,
+                         motion_frames=None if motion_frames < 0 else motion_frames, speed=speed)
+        return io.NodeOutput({"samples": latents})
+
+
+class EMOVideoCombine(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EMOVideoCombine", display_name="EMO Video Combine", category=CATEGORY,
+            description="Frames + audio -> an mp4 (H.264 + AAC) in the output folder, with the workflow inside.",
+            inputs=[
+                io.Image.Input("images", tooltip="The video frames (e.g. from VAE Decode)."),
+                io.Float.Input("fps", default=25.0, min=1.0, max=120.0, step=0.01, tooltip="Frame rate."),
+                io.String.Input("filename_prefix", default="EMO/emo", tooltip="Output file name prefix."),
+                io.Int.Input("crf", default=18, min=0, max=51, tooltip="H.264 quality: 0 lossless .. 51 worst."),
+                io.Audio.Input("audio", optional=True, tooltip="The sound track (cut or padded to the video)."),
+            ],
+            outputs=[io.Video.Output(display_name="video")],
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, images, fps, filename_prefix, crf, audio=None) -> io.NodeOutput:
+        from comfy_api.latest import InputImpl
+
+        from .runtime import write_video
+
+        height, width = images.shape[1:3]
+        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+            filename_prefix, folder_paths.get_output_directory(), width, height)
+        file = f"{filename}_{counter:05}_.mp4"
+        metadata = {}
+        if cls.hidden.prompt is not None:
+            metadata["prompt"] = json.dumps(cls.hidden.prompt)
+        for key, value in (cls.hidden.extra_pnginfo or {}).items():
+            metadata[key] = json.dumps(value)
+        path = os.path.join(folder, file)
+        write_video(path, images, fps, audio, crf, metadata)
+        return io.NodeOutput(InputImpl.VideoFromFile(path),
+                             ui=ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]))

@@ -1,0 +1,197 @@
+"""Glue between the EMO nodes and ComfyUI's runtime: model patchers, devices and dtypes, progress and interrupts,
+type conversion. Model logic stays in emo_core."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.utils
+import torch
+
+from ..emo_core.audio import Wav2Vec2Features, to_mono
+from ..emo_core.checkpoint import build_model, load_checkpoint
+from ..emo_core.face import YuNetDetector, box_mask, expand_box, pick_face
+from ..emo_core.sampler import EMOInputError, GenerationInputs, SamplerSettings, generate
+from ..emo_core.sampler import encode_reference as encode_reference_latent
+from ..emo_core.video import VideoWriter
+from .types import EMOAudio, EMOModel, EMOReference
+
+log = logging.getLogger("EMO")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+# ---- Load EMO -------------------------------------------------------------------------------------------------
+
+def load_emo_model(path: str, precision: str) -> EMOModel:
+    config, state_dict, looks_like = load_checkpoint(path)
+    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    params = sum(v.numel() for v in state_dict.values())
+    if precision == "auto":
+        weight_dtype = mm.unet_dtype(device=load_device, model_params=params)
+    else:
+        weight_dtype = DTYPES[precision]
+    compute_dtype = mm.unet_manual_cast(weight_dtype, load_device) or weight_dtype
+    operations = comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device=load_device)
+    model = build_model(config, state_dict, source=path.rsplit("/", 1)[-1], looks_like=looks_like,
+                        dtype=weight_dtype, device=offload_device, operations=operations).eval()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    log.info("EMO: loaded %s (%s, %.0f M parameters, weights %s, compute %s)", path, config.name, params / 1e6,
+             weight_dtype, compute_dtype)
+    return EMOModel(patcher, compute_dtype, path)
+
+
+# ---- EMO Encode Audio -----------------------------------------------------------------------------------------
+
+_encoders = weakref.WeakKeyDictionary()  # AUDIO_ENCODER -> (our extractor on its weights, its ModelPatcher)
+
+
+class _Holder(torch.nn.Module):
+    """A plain module around the transformers model: ModelPatcher sets `.device` on what it holds, which
+    transformers models expose read-only."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
+def _feature_extractor(audio_encoder):
+    """Our Hallo-style feature extractor on the weights of ComfyUI's AUDIO_ENCODER, under ComfyUI's manager."""
+    if audio_encoder not in _encoders:
+        extractor = Wav2Vec2Features.from_state_dict(audio_encoder.get_sd(), device=mm.text_encoder_offload_device())
+        patcher = comfy.model_patcher.ModelPatcher(_Holder(extractor.model), load_device=mm.text_encoder_device(),
+                                                   offload_device=mm.text_encoder_offload_device())
+        _encoders[audio_encoder] = (extractor, patcher)
+    return _encoders[audio_encoder]
+
+
+def encode_audio(emo_model: EMOModel, audio_encoder, audio: dict, fps: float):
+    cfg = emo_model.config
+    waveform, rate = audio["waveform"], audio["sample_rate"]
+    if waveform.ndim != 3 or waveform.shape[-1] == 0:
+        raise EMOInputError(f"the audio is empty (shape {tuple(waveform.shape)}): connect a clip with sound")
+    extractor, patcher = _feature_extractor(audio_encoder)
+    if extractor.layers != cfg.audio.layers:
+        raise EMOInputError(f"this audio encoder has {extractor.layers} layers, the EMO model expects features of "
+                            f"{cfg.audio.layers} (e.g. wav2vec2-base-960h for Hallo): load the encoder the "
+                            f"checkpoint was trained with")
+    mm.load_models_gpu([patcher], force_full_load=True)  # plain torch layers: all on one device
+    mono = to_mono(waveform[0], rate)
+    if mono.numel() < 400:
+        raise EMOInputError("the audio is shorter than 25 ms: connect a longer clip")
+    pbar = comfy.utils.ProgressBar(1)
+    features, frames = extractor(mono.to(patcher.load_device), fps=fps, clip_length=cfg.frames_per_clip,
+                                 progress=lambda done, total: pbar.update_absolute(done, total))
+    samples = round(frames / fps * rate)  # the sound of exactly the frames that will be generated
+    sound = waveform[:1, :, :samples]
+    if sound.shape[-1] < samples:
+        sound = torch.nn.functional.pad(sound, (0, samples - sound.shape[-1]))
+    return EMOAudio(features, frames, fps), {"waveform": sound, "sample_rate": rate}
+
+
+# ---- EMO Face Mask --------------------------------------------------------------------------------------------
+
+def face_masks(detector_path: str, image: torch.Tensor, expand: float, face_index: int, fallback: bool):
+    """IMAGE (B, H, W, 3) -> MASK (B, H, W): the expanded face box per image."""
+    detector = YuNetDetector(detector_path)
+    height, width = image.shape[1:3]
+    masks = []
+    for i, faces in enumerate(detector.detect(image.permute(0, 3, 1, 2))):
+        if not faces and fallback:
+            masks.append(torch.ones(1, 1, height, width))
+            continue
+        face = pick_face(faces, face_index, f"image {i + 1} of {image.shape[0]}")
+        masks.append(box_mask(expand_box(face.box, expand, height, width), height, width))
+    return torch.cat(masks)[:, 0]
+
+
+# ---- EMO ReferenceNet -----------------------------------------------------------------------------------------
+
+class ComfyVAECodec:
+    """ComfyUI's VAE as emo_core's LatentCodec: pixels in [-1, 1] (N, 3, H, W) <-> scaled latents (N, 4, h, w)."""
+
+    def __init__(self, vae, scale: float):
+        self.vae, self.scale = vae, scale
+
+    def encode(self, pixels):
+        return self.vae.encode((pixels.float().cpu() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)) * self.scale
+
+    def decode(self, latents):
+        return self.vae.decode(latents.float().cpu() / self.scale).permute(0, 3, 1, 2)  # IMAGE (N, H, W, 3) -> NCHW
+
+
+def encode_reference(emo_model: EMOModel, image: torch.Tensor, vae) -> EMOReference:
+    if getattr(vae, "latent_channels", 4) != emo_model.config.unet.in_channels:
+        raise EMOInputError(f"this VAE makes {vae.latent_channels}-channel latents; the EMO model needs an SD1.5 VAE "
+                            f"({emo_model.config.unet.in_channels} channels), e.g. sd-vae-ft-mse")
+    codec = ComfyVAECodec(vae, emo_model.config.latent_scale)
+    pixels = image[:1, :, :, :3].permute(0, 3, 1, 2) * 2 - 1
+    latent = encode_reference_latent(codec, pixels)
+    return EMOReference(latent, codec, image.shape[1], image.shape[2])
+
+
+# ---- EMO Audio-Driven Sampler ---------------------------------------------------------------------------------
+
+def sample(emo_model: EMOModel, reference: EMOReference, emo_audio: EMOAudio, face_mask, *, seed, steps, cfg,
+           scheduler, frames_per_clip, motion_frames, speed) -> torch.Tensor:
+    """Returns LATENT samples (frames, 4, h, w), unscaled as core VAE Decode expects."""
+    config = emo_model.config
+    mask = None
+    if face_mask is not None:
+        if tuple(face_mask.shape[-2:]) != (reference.height, reference.width):
+            raise EMOInputError(f"face mask is {face_mask.shape[-1]}x{face_mask.shape[-2]}, the portrait "
+                                f"{reference.width}x{reference.height}: make the mask from the same image")
+        mask = face_mask.reshape(-1, 1, *face_mask.shape[-2:]).float()
+    inputs = GenerationInputs(reference_latent=reference.latent, audio_features=emo_audio.features, face_mask=mask,
+                              speed=speed if config.speed else None, num_frames=emo_audio.frames)
+    settings = SamplerSettings(steps=steps, guidance_scale=cfg, seed=seed, scheduler=scheduler,
+                               frames_per_clip=frames_per_clip, motion_frames=motion_frames)
+    patcher = emo_model.patcher
+    mm.load_models_gpu([patcher], memory_required=_activation_bytes(config, reference, settings, emo_model))
+    pbar = comfy.utils.ProgressBar(1)
+
+    def progress(step, total, clip, clips):
+        pbar.update_absolute(step, total)
+
+    out = []
+    try:
+        for clip in generate(patcher.model, inputs, settings, codec=reference.codec, progress=progress,
+                             cancel=_interrupted, device=patcher.load_device, dtype=emo_model.compute_dtype):
+            out.append(clip.latents[0].transpose(0, 1).float().to(mm.intermediate_device()) / config.latent_scale)
+    except mm.OOM_EXCEPTION as e:
+        if not isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        mm.soft_empty_cache()
+        raise RuntimeError("EMO ran out of GPU memory: lower frames_per_clip, the portrait size, or use fp16; "
+                           "cfg 1.0 halves the memory") from None
+    return torch.cat(out)
+
+
+def _interrupted() -> bool:
+    mm.throw_exception_if_processing_interrupted()  # raises ComfyUI's own interrupt exception
+    return False
+
+
+def _activation_bytes(config, reference, settings, emo_model) -> int:
+    """A generous estimate of the sampler's working memory, so ComfyUI frees room before a long run."""
+    frames = (settings.frames_per_clip or config.frames_per_clip) + config.motion_frames
+    tokens = (reference.height // 8) * (reference.width // 8)
+    rows = 2 if (settings.guidance_scale or config.guidance_scale) != 1 else 1
+    element = torch.finfo(emo_model.compute_dtype).bits // 8
+    return int(rows * frames * tokens * config.unet.block_out_channels[0] * 40 * element)
+
+
+# ---- EMO Video Combine ----------------------------------------------------------------------------------------
+
+def write_video(path: str, images: torch.Tensor, fps: float, audio, crf: int, metadata: dict) -> None:
+    sound, rate = None, 16000
+    if audio is not None:
+        sound, rate = audio["waveform"][0].float().cpu().numpy(), audio["sample_rate"]
+    pbar = comfy.utils.ProgressBar(images.shape[0])
+    with VideoWriter(path, fps, audio=sound, sample_rate=rate, crf=crf, metadata=metadata) as writer:
+        for start in range(0, images.shape[0], 16):
+            writer.write(images[start:start + 16])
+            pbar.update_absolute(min(images.shape[0], start + 16), images.shape[0])

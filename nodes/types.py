@@ -1,0 +1,40 @@
+"""What flows between the EMO nodes besides ComfyUI's core types (IMAGE, MASK, AUDIO, VAE, LATENT, VIDEO).
+
+Plain data holders: no file paths, no model logic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from comfy_api.latest import io
+
+EMO_MODEL = io.Custom("EMO_MODEL")
+EMO_AUDIO = io.Custom("EMO_AUDIO")
+EMO_REFERENCE = io.Custom("EMO_REFERENCE")
+
+
+@dataclass
+class EMOModel:
+    patcher: Any  # comfy.model_patcher.ModelPatcher over an emo_core EMONet built from comfy.ops
+    compute_dtype: Any  # torch dtype the activations use (may differ from the stored weights)
+    name: str
+
+    @property
+    def config(self):
+        return self.patcher.model.cfg
+
+
+@dataclass
+class EMOAudio:
+    features: Any  # (S, layers, channels) float32 on the CPU, S padded to whole clips
+    frames: int  # video frames the audio covers (the rest is clip padding)
+    fps: float
+
+
+@dataclass
+class EMOReference:
+    latent: Any  # (1, 4, h, w) scaled VAE latent of the portrait
+    codec: Any  # the core VAE as a LatentCodec (motion frames through pixels, Hallo)
+    height: int
+    width: int
