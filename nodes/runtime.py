@@ -152,6 +152,8 @@ def sample(emo_model: EMOModel, reference: EMOReference, emo_audio: EMOAudio, fa
     patcher = emo_model.patcher
     mm.load_models_gpu([patcher], memory_required=_activation_bytes(config, reference, settings, emo_model))
     pbar = comfy.utils.ProgressBar(1)
+    frames = settings.frames_per_clip or config.frames_per_clip
+    log.info("EMO: sampling %d frames in clips of %d, %d steps each", emo_audio.frames, frames, steps)
 
     def progress(step, total, clip, clips):
         pbar.update_absolute(step, total)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepares the ComfyUI the integration tests run against and prints its path (nothing when there is none).
+# Prepares the ComfyUI the integration tests run against (and the headless browser of the browser tests) and
+# prints its path (nothing when there is none).
 # Usage: COMFYUI_PATH=$(bash scripts/comfyui.sh PYTHON)
 # Source: the unmodified snapshot in ../shared/comfyui, extracted once outside the repository
 # (~/.cache/emo-comfyui/<snapshot name>); its requirements go into the given Python's environment, keeping the
@@ -24,5 +25,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     grep -E '^(torch|torchvision|torchaudio)==' "$root/requirements-dev.txt" > "$venv/.torch-trio.txt"
     "$py" -m pip install -q -r "$dest/ComfyUI/requirements.txt" requests -c "$venv/.torch-trio.txt" >&2
     echo "$want" > "$stamp"
+fi
+# The browser tests drive Debian's chromium (Playwright's own browser download cannot work offline).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[comfyui] installing Debian's chromium for the browser tests" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >&2 ||
+        echo "[comfyui] chromium could not be installed: the browser tests will be skipped" >&2
 fi
 echo "$dest/ComfyUI"

@@ -1,131 +1,33 @@
-"""The pack inside a real ComfyUI: registration, the API workflows of workflows/api/, outputs, bad input.
-
-The ComfyUI is the one this pack is installed in (custom_nodes/<pack> inside a ComfyUI tree) or COMFYUI_PATH
-(scripts/test.sh sets it up from ../shared/comfyui); without one these tests are skipped with one loud line.
-The server runs on loopback with its own base directory; the weights are tiny ones the tests make.
-"""
+"""The pack inside a real ComfyUI: registration, the API workflows of workflows/api/, outputs, interrupts and
+bad input. Skipped with one loud line when no ComfyUI is found (see comfy_server.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-import wave
 from pathlib import Path
 
 import av
 import pytest
 
-from .comfy_models import make_models
-from .conftest import REPO
+from .comfy_server import COMFYUI, EMO_NODES, WORKFLOWS, Server, start_server
 
-WORKFLOWS = REPO / "workflows" / "api"
-EMO_NODES = {"EMOLoader", "EMOEncodeAudio", "EMOFaceMask", "EMOReferenceNet", "EMOSampler", "EMOVideoCombine"}
-
-
-def find_comfyui() -> Path | None:
-    if os.environ.get("COMFYUI_PATH"):
-        return Path(os.environ["COMFYUI_PATH"])
-    if REPO.parent.name == "custom_nodes" and (REPO.parent.parent / "main.py").is_file():
-        return REPO.parent.parent
-    return None
-
-
-COMFYUI = find_comfyui()
 if COMFYUI is None:
     print("\n" + "=" * 78 + "\nSKIPPED: ComfyUI integration tests: no ComfyUI found (install the pack in "
           "custom_nodes/ or set COMFYUI_PATH)\n" + "=" * 78)
 pytestmark = pytest.mark.skipif(COMFYUI is None, reason="no ComfyUI: set COMFYUI_PATH")
 
 
-class Server:
-    def __init__(self, base: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.base, self.log = base, base / "server.log"
-        args = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-                "--base-directory", str(base), "--temp-directory", str(base / "temp"), "--disable-auto-launch"]
-        self.process = subprocess.Popen(args, cwd=COMFYUI, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                self.get("/system_stats")
-                return
-            except (urllib.error.URLError, ConnectionError):
-                if self.process.poll() is not None:
-                    break
-                time.sleep(0.5)
-        raise RuntimeError(f"ComfyUI did not start:\n{self.log.read_text()[-3000:]}")
-
-    def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=30) as r:
-            return json.loads(r.read())
-
-    def run(self, prompt: dict, timeout: float = 600) -> dict:
-        data = json.dumps({"prompt": prompt, "client_id": "emo-tests"}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/prompt", data=data,
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as r:
-                prompt_id = json.loads(r.read())["prompt_id"]
-        except urllib.error.HTTPError as e:
-            return {"status": {"status_str": "rejected", "messages": [json.loads(e.read())]}}
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-                if history[prompt_id]["status"]["status_str"] in ("success", "error"):
-                    return history[prompt_id]
-            time.sleep(0.5)
-        raise TimeoutError(f"workflow did not finish in {timeout} s")
-
-    def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
-def write_speech(path: Path, seconds: float):
-    with wave.open(str(REPO / "emo_core" / "assets" / "speech.wav")) as src, wave.open(str(path), "wb") as dst:
-        dst.setnchannels(1)
-        dst.setsampwidth(2)
-        dst.setframerate(src.getframerate())
-        dst.writeframes(src.readframes(int(seconds * src.getframerate())))
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfyui-run")
-    (base / "custom_nodes").mkdir()
-    os.symlink(REPO, base / "custom_nodes" / "comfyui-emo")
-    models = make_models(Path(os.environ.get("EMO_TEST_MODELS", Path.home() / ".cache/emo-comfyui/test-models")))
-    shutil.copytree(models, base / "models", symlinks=True, ignore=shutil.ignore_patterns(".complete-*"),
-                    copy_function=os.symlink)
-    inputs = base / "input"
-    inputs.mkdir()
-    from PIL import Image
-
-    Image.open(REPO / "emo_core" / "assets" / "portrait.png").resize((128, 128)).save(inputs / "portrait.png")
-    Image.open(REPO / "emo_core" / "assets" / "portrait.png").save(inputs / "portrait_256.png")
-    write_speech(inputs / "speech.wav", 1.0)
-    write_speech(inputs / "speech_long.wav", 2.0)
-    srv = Server(base)
+    srv = start_server(tmp_path_factory.mktemp("comfyui-run"))
     yield srv
     srv.stop()
 
 
 def workflow(name: str, changes: dict | None = None) -> dict:
     """An API workflow of workflows/api/, with {(node id, input): value} changes."""
-    prompt = json.loads((WORKFLOWS / name).read_text())
+    prompt = json.loads((WORKFLOWS / "api" / name).read_text())
     for (node, key), value in (changes or {}).items():
         prompt[node]["inputs"][key] = value
     return prompt
@@ -171,8 +73,7 @@ def test_portrait_and_speech_to_mp4(server):
 
 
 def test_long_audio_many_clips(server):
-    prompt = workflow("portrait_speech_to_video.json", {("2", "audio"): "speech_long.wav", ("9", "steps"): 1})
-    info = probe(output_video(server, server.run(prompt)))
+    info = probe(output_video(server, server.run(workflow("long_audio.json"))))
     assert info["frames"] == 50 and abs(info["duration"] - 2.0) < 0.1  # 13 clips of 4 frames
 
 
@@ -191,4 +92,24 @@ def test_bad_input_is_a_clear_error_and_the_server_keeps_running(server):
     result = server.run(workflow("portrait_speech_to_video.json", {("3", "checkpoint"): "missing.safetensors"}))
     assert result["status"]["status_str"] in ("rejected", "error")
     assert "missing.safetensors" in json.dumps(result["status"]["messages"])
+    assert server.get("/system_stats")
+
+
+def test_interrupt_stops_sampling_within_a_step(server):
+    prompt = workflow("portrait_speech_to_video.json", {("2", "audio"): "speech_long.wav", ("9", "steps"): 200,
+                                                        ("9", "seed"): 7})
+    started = len(server.log.read_text().split("EMO: sampling"))
+    prompt_id = server.submit(prompt)
+    deadline = time.time() + 120
+    while len(server.log.read_text().split("EMO: sampling")) == started:  # wait until the sampler runs
+        assert time.time() < deadline, "sampling did not start"
+        time.sleep(0.2)
+    time.sleep(2.0)
+    server.post("/interrupt")
+    asked = time.time()
+    result = server.wait(prompt_id, timeout=60)
+    assert time.time() - asked < 10  # one step of this model is a fraction of a second
+    assert "execution_interrupted" in json.dumps(result["status"]["messages"])
+    assert not any(item["filename"].endswith(".mp4") for out in result.get("outputs", {}).values()
+                   for item in out.get("images", []))
     assert server.get("/system_stats")
