@@ -145,6 +145,10 @@ def sample(emo_model: EMOModel, reference: EMOReference, emo_audio: EMOAudio, fa
             raise EMOInputError(f"face mask is {face_mask.shape[-1]}x{face_mask.shape[-2]}, the portrait "
                                 f"{reference.width}x{reference.height}: make the mask from the same image")
         mask = face_mask.reshape(-1, 1, *face_mask.shape[-2:]).float()
+    if config.identity_tokens:
+        log.warning("EMO: %s expects a face-identity embedding (Hallo's ArcFace input), which this pack does not "
+                    "compute yet: the unconditional (zero) identity is used, so likeness relies on ReferenceNet only",
+                    emo_model.name)
     inputs = GenerationInputs(reference_latent=reference.latent, audio_features=emo_audio.features, face_mask=mask,
                               speed=speed if config.speed else None, num_frames=emo_audio.frames)
     settings = SamplerSettings(steps=steps, guidance_scale=cfg, seed=seed, scheduler=scheduler,
