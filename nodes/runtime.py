@@ -4,6 +4,7 @@ type conversion. Model logic stays in emo_core."""
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 
 import comfy.model_management as mm
@@ -36,7 +37,7 @@ def load_emo_model(path: str, precision: str) -> EMOModel:
         weight_dtype = DTYPES[precision]
     compute_dtype = mm.unet_manual_cast(weight_dtype, load_device) or weight_dtype
     operations = comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device=load_device)
-    model = build_model(config, state_dict, source=path.rsplit("/", 1)[-1], looks_like=looks_like,
+    model = build_model(config, state_dict, source=os.path.basename(path), looks_like=looks_like,
                         dtype=weight_dtype, device=offload_device, operations=operations).eval()
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     log.info("EMO: loaded %s (%s, %.0f M parameters, weights %s, compute %s)", path, config.name, params / 1e6,
