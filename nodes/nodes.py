@@ -86,19 +86,21 @@ class EMOFaceMask(io.ComfyNode):
                              tooltip="Which face when there are several: 0 = the largest."),
                 io.Boolean.Input("whole_image_if_no_face", default=False,
                                  tooltip="Without a face: use the whole image instead of stopping with an error."),
+                io.Float.Input("confidence", default=0.6, min=0.05, max=0.99, step=0.05,
+                               tooltip="Detection threshold: lower it (e.g. 0.3) for drawn or stylised faces."),
             ],
             outputs=[io.Mask.Output(display_name="face_mask")],
         )
 
     @classmethod
-    def execute(cls, image, detector, expand, face_index, whole_image_if_no_face) -> io.NodeOutput:
+    def execute(cls, image, detector, expand, face_index, whole_image_if_no_face, confidence=0.6) -> io.NodeOutput:
         from .runtime import face_masks
 
         path = folder_paths.get_full_path("face_detection", detector)
         if path is None:
             raise FileNotFoundError(f"face detector {detector!r} not found in models/face_detection: put YuNet's "
                                     f"yunet_final.pth (kornia's face detector weights) there")
-        return io.NodeOutput(face_masks(path, image, expand, face_index, whole_image_if_no_face))
+        return io.NodeOutput(face_masks(path, image, expand, face_index, whole_image_if_no_face, confidence))
 
 
 class EMOReferenceNet(io.ComfyNode):

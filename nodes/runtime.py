@@ -95,9 +95,10 @@ def encode_audio(emo_model: EMOModel, audio_encoder, audio: dict, fps: float):
 
 # ---- EMO Face Mask --------------------------------------------------------------------------------------------
 
-def face_masks(detector_path: str, image: torch.Tensor, expand: float, face_index: int, fallback: bool):
+def face_masks(detector_path: str, image: torch.Tensor, expand: float, face_index: int, fallback: bool,
+               confidence: float):
     """IMAGE (B, H, W, 3) -> MASK (B, H, W): the expanded face box per image."""
-    detector = YuNetDetector(detector_path)
+    detector = YuNetDetector(detector_path, confidence=confidence)
     height, width = image.shape[1:3]
     masks = []
     for i, faces in enumerate(detector.detect(image.permute(0, 3, 1, 2))):
