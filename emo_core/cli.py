@@ -109,7 +109,7 @@ def frame_portrait(original: torch.Tensor, size: int, args):
 
 
 def run_generate(args) -> Path:
-    from .audio import Wav2Vec2Features, load_audio, random_audio_encoder, read_audio
+    from .audio import Wav2Vec2Features, random_audio_encoder, read_audio, to_mono
     from .face import hallo_region_masks, paste_back
     from .sampler import GenerationInputs, SamplerSettings, encode_reference, generate
     from .video import VideoWriter
@@ -141,7 +141,8 @@ def run_generate(args) -> Path:
     cfg = model.cfg
     fps = cfg.fps if args.fps is None else args.fps
 
-    waveform = load_audio(args.audio)
+    sound, rate = read_audio(args.audio)  # decoded once: 16 kHz mono for the model, as it is for the video
+    waveform = to_mono(sound, rate)
     features, audio_length = encoder(waveform.to(encoder.model.device), fps=fps, clip_length=cfg.frames_per_clip)
     original = load_image(args.image)
     crop, portrait, mask, face = frame_portrait(original, size, args)
@@ -162,7 +163,6 @@ def run_generate(args) -> Path:
                   f"{time.perf_counter() - started:.1f}s", end="" if tty else "\n", file=sys.stderr, flush=True)
 
     metadata = {"comment": f"EMO for ComfyUI; seed {args.seed}; checkpoint {args.checkpoint or 'tiny random'}"}
-    sound, rate = read_audio(args.audio)  # the video keeps the audio as it was, not the 16 kHz mono model input
     with VideoWriter(args.out, fps, audio=sound.numpy(), sample_rate=rate, crf=args.crf, metadata=metadata) as writer:
         for clip in generate(model, inputs, settings, codec=vae, progress=progress):
             frames = vae.decode(clip.latents[0].transpose(0, 1)).float().cpu()  # (F, 3, size, size) in [0, 1]
