@@ -18,11 +18,11 @@ import time
 
 import torch
 
+from .checkpoint import DTYPES
 from .config import PRESETS, preset
 from .sampler import GenerationInputs, SamplerSettings, SamplerStats, encode_reference, generate
 from .vae import random_vae
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):

@@ -27,6 +27,7 @@ from .config import EMOConfig, from_hallo_configs, preset
 
 FORMAT_TAG = "emo-comfyui/1"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # precision names
 HALLO_PREFIXES = {
     "reference_unet.": "reference_net.",
     "denoising_unet.": "backbone.",

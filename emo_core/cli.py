@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import DTYPES
+
 ASSETS = Path(__file__).resolve().parent / "assets"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def generate_parser(sub):

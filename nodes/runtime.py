@@ -14,7 +14,7 @@ import comfy.utils
 import torch
 
 from ..emo_core.audio import Wav2Vec2Features, to_mono
-from ..emo_core.checkpoint import build_model, load_checkpoint
+from ..emo_core.checkpoint import DTYPES, build_model, load_checkpoint
 from ..emo_core.face import YuNetDetector, box_mask, expand_box, pick_face
 from ..emo_core.sampler import EMOInputError, GenerationInputs, SamplerSettings, generate
 from ..emo_core.sampler import encode_reference as encode_reference_latent
@@ -22,7 +22,6 @@ from ..emo_core.video import VideoWriter
 from .types import EMOAudio, EMOModel, EMOReference
 
 log = logging.getLogger("EMO")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # ---- Load EMO -------------------------------------------------------------------------------------------------
