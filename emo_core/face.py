@@ -16,7 +16,7 @@ from kornia.contrib.face_detection import YuNet, nms_kornia
 from kornia.geometry.transform import warp_affine
 from torch import nn
 
-from .sampler import EMOInputError
+from .sampler import EMOInputError, level_sizes
 
 DETECT_SIZE = 640  # detection runs on the image scaled so that its longer side is at most this ...
 MIN_DETECT_SIZE = 64  # ... and its shorter side at least this
@@ -203,13 +203,9 @@ def hallo_region_masks(face: Face, height: int, width: int, levels: int = 4, fac
     face_map = blurred(expand_box(face.box, face_expand, height, width), 51)
     lip_map = blurred(expand_box(lip_box, lip_expand, height, width), 31)
     maps = {"full": 1 - face_map, "face": (face_map - lip_map).clamp_min(0), "lip": lip_map}
-    h, w = math.ceil(height / 8), math.ceil(width / 8)
-    out = {k: [] for k in maps}
-    for _ in range(levels):
-        for k, m in maps.items():
-            out[k].append(F.interpolate(m, size=(h, w), mode="bilinear", antialias=True).clamp(0, 1).flatten())
-        h, w = (h + 1) // 2, (w + 1) // 2
-    return out
+    sizes = level_sizes((math.ceil(height / 8), math.ceil(width / 8)), levels)
+    return {k: [F.interpolate(m, size=size, mode="bilinear", antialias=True).clamp(0, 1).flatten() for size in sizes]
+            for k, m in maps.items()}
 
 
 def _iou(a: tuple, b: tuple) -> float:

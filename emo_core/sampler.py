@@ -239,7 +239,7 @@ def _validate(model, inputs: GenerationInputs, frames: int, motion: int, steps: 
             raise EMOInputError(f"per-frame face mask has {mask.shape[0]} frames but the audio has "
                                 f"{feats.shape[0]}; give one mask or one per frame")
     if inputs.region_masks is not None:
-        levels = [math.prod(s) for s in _level_sizes(ref.shape[-2:], len(cfg.unet.block_out_channels))]
+        levels = [math.prod(s) for s in level_sizes(ref.shape[-2:], len(cfg.unet.block_out_channels))]
         for key in ("full", "face", "lip"):
             got = [m.numel() for m in inputs.region_masks.get(key, [])]
             if got != levels:
@@ -249,7 +249,9 @@ def _validate(model, inputs: GenerationInputs, frames: int, motion: int, steps: 
         raise EMOInputError(f"motion_scale must have 3 weights (full, face, lip), got {inputs.motion_scale}")
 
 
-def _level_sizes(hw, levels: int) -> list:
+def level_sizes(hw, levels: int) -> list:
+    """(h, w) of each UNet level for a latent of size hw: level 0 is the latent, each next one halved (rounded up,
+    as the stride-2 convolutions do)."""
     sizes, (h, w) = [], hw
     for _ in range(levels):
         sizes.append((h, w))
@@ -274,19 +276,23 @@ def _speed_sequence(speed, total: int, padded: int, device):
     return _pad_frames(speed, padded)
 
 
+def _with_margin(x: torch.Tensor, start: int, frames: int, m: int) -> torch.Tensor:
+    """Frames start-m .. start+frames+m of a per-frame sequence, indices clamped to it: windowing this slice gives
+    the clip's frames exactly the ±m windows the whole sequence would, without building them all."""
+    idx = torch.arange(start - m, start + frames + m, device=x.device).clamp(0, x.shape[0] - 1)
+    return x[idx]
+
+
 def _clip_windows(audio: torch.Tensor, start: int, frames: int, m: int) -> torch.Tensor:
-    """The ±m windows of one clip's frames, (F, 2m+1, layers, channels): the same as windowing the whole sequence
-    (indices clamped to it), computed from a slice so that long audio never builds all windows at once."""
-    idx = torch.arange(start - m, start + frames + m, device=audio.device).clamp(0, audio.shape[0] - 1)
-    return frame_windows(audio[idx], m, dim=0)[m:m + frames]
+    """The ±m windows of one clip's frames, (F, 2m+1, layers, channels)."""
+    return frame_windows(_with_margin(audio, start, frames, m), m, dim=0)[m:m + frames]
 
 
 def _speed_tokens(model, speed, start: int, frames: int, rows: int, dtype):
     if speed is None or not hasattr(model, "speed_encoder"):
         return None
     m = model.cfg.speed.window
-    idx = torch.arange(start - m, start + frames + m, device=speed.device).clamp(0, speed.shape[0] - 1)
-    tokens = model.speed_encoder(speed[idx][None], dtype)[:, m:m + frames]  # (1, F, K, D): windows inside the slice
+    tokens = model.speed_encoder(_with_margin(speed, start, frames, m)[None], dtype)[:, m:m + frames]  # (1, F, K, D)
     return _cfg_rows(tokens, False, rows)  # the speed is kept in both rows
 
 
