@@ -148,10 +148,15 @@ def portrait_face_mask(detector: YuNetDetector | None, image: torch.Tensor, expa
         raise EMOInputError("no face mask given and no face detector loaded: give one of them")
     if fallback not in ("error", "whole_image"):
         raise EMOInputError(f"fallback must be 'error' or 'whole_image', got {fallback!r}")
-    faces = detector.detect(image)[0]
-    if not faces and fallback == "whole_image":
+    return face_box_mask(detector.detect(image)[0], height, width, expand, face_index, fallback == "whole_image")
+
+
+def face_box_mask(faces: list, height: int, width: int, expand: float = 1.2, face_index: int = 0,
+                  whole_image_if_none: bool = False, what: str = "the portrait") -> torch.Tensor:
+    """(1, 1, H, W) mask of the chosen face's expanded box; without a face the whole image, or an error."""
+    if not faces and whole_image_if_none:
         return torch.ones(1, 1, height, width)
-    face = pick_face(faces, face_index, "the portrait")
+    face = pick_face(faces, face_index, what)
     return box_mask(expand_box(face.box, expand, height, width), height, width)
 
 

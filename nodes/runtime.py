@@ -15,7 +15,7 @@ import torch
 
 from ..emo_core.audio import Wav2Vec2Features, to_mono
 from ..emo_core.checkpoint import DTYPES, build_model, load_checkpoint
-from ..emo_core.face import YuNetDetector, box_mask, expand_box, pick_face
+from ..emo_core.face import YuNetDetector, face_box_mask
 from ..emo_core.sampler import EMOInputError, GenerationInputs, SamplerSettings, generate
 from ..emo_core.sampler import encode_reference as encode_reference_latent
 from ..emo_core.video import VideoWriter
@@ -99,13 +99,8 @@ def face_masks(detector_path: str, image: torch.Tensor, expand: float, face_inde
     """IMAGE (B, H, W, 3) -> MASK (B, H, W): the expanded face box per image."""
     detector = YuNetDetector(detector_path, confidence=confidence)
     height, width = image.shape[1:3]
-    masks = []
-    for i, faces in enumerate(detector.detect(image.permute(0, 3, 1, 2))):
-        if not faces and fallback:
-            masks.append(torch.ones(1, 1, height, width))
-            continue
-        face = pick_face(faces, face_index, f"image {i + 1} of {image.shape[0]}")
-        masks.append(box_mask(expand_box(face.box, expand, height, width), height, width))
+    masks = [face_box_mask(faces, height, width, expand, face_index, fallback, f"image {i + 1} of {image.shape[0]}")
+             for i, faces in enumerate(detector.detect(image.permute(0, 3, 1, 2)))]
     return torch.cat(masks)[:, 0]
 
 
