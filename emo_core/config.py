@@ -125,6 +125,7 @@ class EMOConfig:
     steps: int = 40
     scheduler: dict = field(default_factory=lambda: dict(HALLO_SCHEDULER))
     fps: int = 25
+    size: int = 512  # square image side in pixels the model was trained at (the default generation size)
     latent_scale: float = 0.18215
     reference_timestep: int = 0
     # Hallo quirk: the reference features are handed to the Backbone as float16 even in a float32 run.
@@ -236,7 +237,7 @@ def _emo(unet: UNetConfig, audio: AudioConfig, motion_heads: int, speed_dim: int
 
 
 def preset(name: str) -> EMOConfig:
-    """Named configurations: `emo` and `hallo` at SD1.5 size, `small`, `tiny` (EMO structure) and `hallo-tiny`."""
+    """Named configurations: `emo` and `hallo` at SD1.5 size, `small`, `tiny`, `demo` (EMO structure) and `hallo-tiny`."""
     if name == "emo":
         return _emo(UNetConfig(), AudioConfig(module="emo"), 8, 768, "emo")
     if name == "hallo":
@@ -251,6 +252,19 @@ def preset(name: str) -> EMOConfig:
                           cross_attention_dim=48, norm_num_groups=8)
         audio = AudioConfig(layers=3, channels=16, tokens=4, intermediate_dim=32, attention_dim=40, module="emo")
         return _emo(unet, audio, 2, 40, "tiny", frames=4, motion_frames=2)
+    if name == "demo":
+        # The bundled demo model: trained on CPU in minutes on synthetic faces at 64x64 (8x8 latents), with its own
+        # small VAE and a small frozen wav2vec2 (4 layers, width 32) inside the same checkpoint.
+        unet = UNetConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1, num_heads=4,
+                          cross_attention_dim=64, norm_num_groups=8)
+        audio = AudioConfig(layers=4, channels=32, tokens=4, intermediate_dim=64, attention_dim=64, module="emo")
+        cfg = _emo(unet, audio, 4, 64, "demo", frames=8, motion_frames=2)
+        cfg.motion.norm_groups = 8
+        cfg.speed = SpeedConfig(buckets=9, max_speed=4.0, dim=64)
+        cfg.face_locator.block_out_channels = (8, 16, 32, 32)
+        cfg.steps = 20
+        cfg.size = 64
+        return cfg
     if name == "hallo-tiny":
         unet = UNetConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, num_heads=4,
                           cross_attention_dim=48, norm_num_groups=8)
@@ -261,7 +275,7 @@ def preset(name: str) -> EMOConfig:
     raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
 
 
-PRESETS = ("emo", "hallo", "small", "tiny", "hallo-tiny")
+PRESETS = ("emo", "hallo", "small", "tiny", "demo", "hallo-tiny")
 
 
 def from_hallo_configs(unet_config: dict, inference: dict, audio_proj: dict, image_proj: dict,

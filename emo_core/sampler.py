@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from .models.conditioning import frame_windows
 from .models.unet import UNetConditions
@@ -29,6 +29,7 @@ SCHEDULERS = {
     "ddim": (DDIMScheduler, {}),
     "dpmpp": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),  # training: adds noise and gives the targets with the same schedule
 }
 
 
@@ -148,7 +149,7 @@ def generate(model, inputs: GenerationInputs, settings: SamplerSettings = Sample
     for c in range(clips):
         start = c * frames
         with torch.no_grad():
-            windows = _clip_windows(audio, start, frames, cfg.audio.window).to(device=device, dtype=dtype)
+            windows = clip_windows(audio, start, frames, cfg.audio.window).to(device=device, dtype=dtype)
             audio_tokens = _cfg_rows(model.audio_proj(windows[None]), "audio" in drop, rows)  # (rows, F, K, D)
             if inputs.face_mask is not None and (face is None or inputs.face_mask.shape[0] > 1):
                 face = _cfg_rows(_face_features(model, inputs.face_mask, start, frames, dtype, device),
@@ -276,23 +277,23 @@ def _speed_sequence(speed, total: int, padded: int, device):
     return _pad_frames(speed, padded)
 
 
-def _with_margin(x: torch.Tensor, start: int, frames: int, m: int) -> torch.Tensor:
+def with_margin(x: torch.Tensor, start: int, frames: int, m: int) -> torch.Tensor:
     """Frames start-m .. start+frames+m of a per-frame sequence, indices clamped to it: windowing this slice gives
     the clip's frames exactly the ±m windows the whole sequence would, without building them all."""
     idx = torch.arange(start - m, start + frames + m, device=x.device).clamp(0, x.shape[0] - 1)
     return x[idx]
 
 
-def _clip_windows(audio: torch.Tensor, start: int, frames: int, m: int) -> torch.Tensor:
+def clip_windows(audio: torch.Tensor, start: int, frames: int, m: int) -> torch.Tensor:
     """The ±m windows of one clip's frames, (F, 2m+1, layers, channels)."""
-    return frame_windows(_with_margin(audio, start, frames, m), m, dim=0)[m:m + frames]
+    return frame_windows(with_margin(audio, start, frames, m), m, dim=0)[m:m + frames]
 
 
 def _speed_tokens(model, speed, start: int, frames: int, rows: int, dtype):
     if speed is None or not hasattr(model, "speed_encoder"):
         return None
     m = model.cfg.speed.window
-    tokens = model.speed_encoder(_with_margin(speed, start, frames, m)[None], dtype)[:, m:m + frames]  # (1, F, K, D)
+    tokens = model.speed_encoder(with_margin(speed, start, frames, m)[None], dtype)[:, m:m + frames]  # (1, F, K, D)
     return _cfg_rows(tokens, False, rows)  # the speed is kept in both rows
 
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from einops import rearrange
 from torch import nn
 
 from ..config import EMOConfig
-from .audio_attention import make_audio_module
+from .audio_attention import EMOAudioAttention, HalloAudioModule, make_audio_module
 from .layers import Downsample, ResnetBlock, TimestepEmbedding, Upsample
 from .reference_attention import SpatialTransformer
 from .temporal import MotionModule
@@ -37,6 +38,7 @@ class UNetConditions:
     region_masks: dict | None = None  # Hallo: {"full"|"face"|"lip": [per level (B·F, L_level)]}
     motion_scale: tuple = (1.0, 1.0, 1.0)  # Hallo: weights of the full / face / lip audio branches
     speed: torch.Tensor | None = None  # (B, F, K, D) speed tokens per frame
+    temporal: bool = True  # False: image training (stage 1) runs no temporal modules
     written: list = field(default_factory=list)  # ReferenceNet: the bank, appended in block order
 
 
@@ -75,15 +77,15 @@ class Block(nn.Module):
         for j, resnet in enumerate(self.resnets):
             if self.kind == "up":
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = resnet(x, temb)
+            x = _run(resnet, x, temb)
             motion = None
             if hasattr(self, "attentions"):
                 x, motion = _spatial(self.attentions[j], x, cond)
-            if hasattr(self, "audio_modules"):
-                x = self.audio_modules[j](x, cond.audio, region_masks=cond.region_masks,
-                                          motion_scale=cond.motion_scale)
-            if self.run_motion:
-                x = self.motion_modules[j](x, cond.frames, motion, cond.speed)
+            if hasattr(self, "audio_modules") and cond.audio is not None:
+                x = _run(self.audio_modules[j], x, cond.audio, region_masks=cond.region_masks,
+                         motion_scale=cond.motion_scale)
+            if self.run_motion and cond.temporal:
+                x = _run(self.motion_modules[j], x, cond.frames, motion, cond.speed)
             if self.kind == "down":
                 skips.append(x)
         if hasattr(self, "downsamplers"):
@@ -110,22 +112,34 @@ class MidBlock(nn.Module):
             self.motion_modules = nn.ModuleList([unet.make_motion_module(ch, **kw)])
 
     def forward(self, x, temb, cond: UNetConditions):
-        x = self.resnets[0](x, temb)
+        x = _run(self.resnets[0], x, temb)
         x, motion = _spatial(self.attentions[0], x, cond)
-        if hasattr(self, "audio_modules"):
-            x = self.audio_modules[0](x, cond.audio, region_masks=cond.region_masks, motion_scale=cond.motion_scale)
-            x = self.motion_modules[0](x, cond.frames, motion, cond.speed)
-        return self.resnets[1](x, temb)
+        if hasattr(self, "audio_modules") and cond.audio is not None:
+            x = _run(self.audio_modules[0], x, cond.audio, region_masks=cond.region_masks,
+                     motion_scale=cond.motion_scale)
+        if hasattr(self, "motion_modules") and cond.temporal:
+            x = _run(self.motion_modules[0], x, cond.frames, motion, cond.speed)
+        return _run(self.resnets[1], x, temb)
+
+
+def _run(module: nn.Module, *args, **kwargs):
+    """Call a layer; under gradient checkpointing (training) its activations are recomputed in the backward pass
+    instead of being stored. Only pure layers go through here: the lists of skips and bank features are filled
+    outside, so recomputation never appends twice."""
+    if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False, **kwargs)
+    return module(*args, **kwargs)
 
 
 def _spatial(transformer: SpatialTransformer, x, cond: UNetConditions):
     """Run a spatial transformer. Without a bank (ReferenceNet) it writes its reference feature; with one (Backbone)
     it reads its paired entry and returns the motion-frame features (B, C, M, h, w) for the temporal module."""
     if cond.bank is None:
-        x, feature = transformer(x, cond.context, frames=cond.frames)
+        x, feature = _run(transformer, x, cond.context, frames=cond.frames)
         cond.written.append(feature)
         return x, None
-    return transformer(x, cond.context, cond.bank[transformer.bank_index], cond.use_reference, frames=cond.frames)
+    return _run(transformer, x, cond.context, cond.bank[transformer.bank_index], cond.use_reference,
+                frames=cond.frames)
 
 
 class UNet(nn.Module):
@@ -162,6 +176,13 @@ class UNet(nn.Module):
             self.up_blocks.append(Block("up", prev, ch, skips, audio_chs, temb_ch, u.layers_per_block + 1,
                                         attention=i > 0, level=levels - 1 - i, sampler=not last, unet=self, **kw))
             prev = ch
+
+    def set_gradient_checkpointing(self, enabled: bool = True):
+        """Recompute each ResNet, transformer, audio and temporal layer in the backward pass (training memory)."""
+        for module in self.modules():
+            if isinstance(module, (ResnetBlock, SpatialTransformer, MotionModule, EMOAudioAttention,
+                                   HalloAudioModule)):
+                module.gradient_checkpointing = enabled
 
     # Factories used by the blocks, so that one place decides how each kind of layer is built.
     def make_transformer(self, ch: int, dtype=None, device=None, operations=nn) -> SpatialTransformer:
