@@ -107,3 +107,37 @@ class VideoWriter:
             self.close()
         else:
             self.container.close()
+
+
+def read_video(path, fps: float | None = None, max_frames: int | None = None) -> tuple[torch.Tensor, float]:
+    """Decode the first video stream -> (frames (S, H, W, 3) uint8 RGB, fps). With `fps`, the frames are resampled
+    to that rate by picking, for each output time, the frame shown at that moment (nearest earlier timestamp)."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video file not found: {path}")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path.name} has no video stream")
+            stream = container.streams.video[0]
+            native = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+            frames, times = [], []
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                times.append(float(frame.time) if frame.time is not None else len(times) / native)
+                if max_frames and fps is None and len(frames) >= max_frames:
+                    break
+    except av.FFmpegError as e:
+        raise ValueError(f"{path.name}: cannot decode video ({e})") from e
+    if not frames:
+        raise ValueError(f"{path.name} contains no video frames")
+    if fps is None:
+        return torch.from_numpy(np.stack(frames)), native
+    times = np.asarray(times) - times[0]
+    count = int(np.floor((times[-1] + 1 / native) * fps + 1e-6))
+    if max_frames:
+        count = min(count, max_frames)
+    picks = np.searchsorted(times, np.arange(count) / fps + 1e-6, side="right") - 1
+    return torch.from_numpy(np.stack([frames[i] for i in picks.clip(0, len(frames) - 1)])), float(fps)

@@ -1,0 +1,220 @@
+"""Training data: a folder of talking-head videos (mp4 with audio) -> a prepared training set.
+
+    python -m emo_core prepare VIDEOS_DIR OUT_DIR --audio-encoder WAV2VEC2 [--size 512] [--fps 25]
+
+Per video, one `OUT_DIR/videos/<name>.safetensors` holds (S = frames at the training frame rate):
+
+    frames        (S, size, size, 3) uint8  a face-centred square crop, one crop per video (stable framing)
+    boxes         (S, 4) float32            the face box per frame in crop pixels (face-locator masks)
+    found         (S,) uint8                1 where the detector found the face (else the nearest detection)
+    poses         (S, 3) float32            yaw, pitch, roll in degrees (from the 5 landmarks)
+    speed         (S,) float32              head rotation speed, degrees per frame (what the speed layers see)
+    speed_bucket  (S,) int64                index of the nearest speed-bucket centre
+    audio         (S, layers, C) float16    wav2vec2 features per frame, computed once here (cached)
+
+and `OUT_DIR/dataset.json` lists the videos, the clip index (video, first frame) and every skipped video with the
+reason. Bad videos (unreadable, no audio, silent, no face, too short) are reported and skipped; the run never stops
+for one of them. Already prepared videos are kept when the run is repeated (interrupt and re-run to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+FORMAT = "emo-comfyui-dataset/1"
+
+
+class SkipVideo(Exception):
+    """A video that cannot be used, with the reason."""
+
+
+def prepare_video(path: Path, encoder, detector, size: int, fps: float, centres: list, min_frames: int,
+                  min_face: float = 0.5) -> dict:
+    """One video -> the tensors listed in the module docstring. Raises SkipVideo with the reason."""
+    from .audio import read_audio, to_mono
+    from .face import NoFaceError, crop_image, face_crop, head_pose, rotation_speed, track_faces
+    from .video import read_video
+
+    try:
+        frames, _ = read_video(path, fps=fps)
+    except (ValueError, FileNotFoundError) as e:
+        raise SkipVideo(f"unreadable video: {e}") from None
+    try:
+        sound, rate = read_audio(path)
+    except ValueError as e:
+        raise SkipVideo(f"no usable audio: {e}") from None
+    waveform = to_mono(sound, rate)
+    if float(waveform.abs().max()) < 1e-4:
+        raise SkipVideo("the audio is silent")
+    count = min(frames.shape[0], int(waveform.shape[0] / 16000 * fps))
+    if count < min_frames:
+        raise SkipVideo(f"too short: {count} frames with both picture and sound, at least {min_frames} needed")
+    images = frames[:count].permute(0, 3, 1, 2).float() / 255  # (S, 3, H, W)
+    try:
+        boxes, landmarks, found = track_faces(detector, images)
+    except NoFaceError:
+        raise SkipVideo("no face found") from None
+    if float(found.float().mean()) < min_face:
+        raise SkipVideo(f"the face is found in only {100 * float(found.float().mean()):.0f}% of the frames")
+    height, width = images.shape[-2:]
+    box = tuple(np.median(np.asarray(boxes), axis=0).tolist())  # one crop for the whole video: stable framing
+    crop = face_crop(box, height, width, size)
+    crops = torch.cat([crop_image(images[i:i + 32], crop) for i in range(0, count, 32)])
+    scale = size / crop.side
+    offset = torch.tensor([crop.cx - crop.side / 2, crop.cy - crop.side / 2] * 2)
+    crop_boxes = (torch.tensor(boxes, dtype=torch.float32) - offset) * scale
+    poses = torch.stack([head_pose(lm) for lm in landmarks]).float()
+    speed = rotation_speed(poses).float()
+    bucket = (speed[:, None] - torch.tensor(centres)[None]).abs().argmin(dim=1)
+    features, _ = encoder(waveform, fps=fps)
+    features = features[:count]
+    if features.shape[0] < count:
+        features = torch.cat([features, features[-1:].expand(count - features.shape[0], -1, -1)])
+    return {
+        "frames": (crops.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous(),
+        "boxes": crop_boxes.contiguous(),
+        "found": found.to(torch.uint8),
+        "poses": poses,
+        "speed": speed,
+        "speed_bucket": bucket,
+        "audio": features.to(torch.float16).contiguous(),
+    }
+
+
+def prepare(videos: Path, out: Path, encoder, detector, size: int = 512, fps: float = 25, clip_frames: int = 16,
+            centres: list | None = None, log=print) -> dict:
+    """Prepare every video under `videos` into `out` (see the module docstring). Returns the dataset index."""
+    from .config import SpeedConfig
+
+    videos, out = Path(videos), Path(out)
+    if not videos.is_dir():
+        raise FileNotFoundError(f"video folder not found: {videos}")
+    files = sorted(p for p in videos.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
+    if not files:
+        raise ValueError(f"{videos} holds no videos ({', '.join(VIDEO_SUFFIXES)}): nothing to prepare")
+    centres = centres or SpeedConfig().centres()
+    settings = {"size": size, "fps": fps, "audio_layers": encoder.layers,
+                "audio_channels": encoder.model.config.hidden_size, "speed_centres": centres}
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    index = {"format": FORMAT, **settings, "videos": [], "skipped": [], "clips": [], "clip_frames": clip_frames}
+    started = time.perf_counter()
+    try:
+        for i, path in enumerate(files):
+            name = path.relative_to(videos).with_suffix("").as_posix().replace("/", "__")
+            target = out / "videos" / f"{name}.safetensors"
+            try:
+                if target.is_file() and _settings(target) == settings:
+                    frames = _frame_count(target)
+                    note = "kept (prepared before)"
+                else:
+                    data = prepare_video(path, encoder, detector, size, fps, centres, min_frames=clip_frames)
+                    save_file(data, str(target), metadata={"source": str(path), "settings": json.dumps(settings)})
+                    frames = data["frames"].shape[0]
+                    note = (f"{frames} frames, face in {100 * float(data['found'].float().mean()):.0f}%, "
+                            f"speed {float(data['speed'].mean()):.2f} deg/frame")
+            except SkipVideo as e:
+                index["skipped"].append({"video": str(path), "reason": str(e)})
+                log(f"[prepare] {i + 1}/{len(files)} SKIPPED {path.name}: {e}")
+                continue
+            v = len(index["videos"])
+            index["videos"].append({"name": name, "file": f"videos/{name}.safetensors", "frames": frames,
+                                    "source": str(path)})
+            index["clips"] += [[v, s] for s in range(0, frames - clip_frames + 1, clip_frames)]
+            log(f"[prepare] {i + 1}/{len(files)} {path.name}: {note}  ({time.perf_counter() - started:.0f}s)")
+    except KeyboardInterrupt:
+        log("[prepare] interrupted: the index below covers the videos prepared so far; run again to continue")
+        raise
+    finally:
+        (out / "dataset.json").write_text(json.dumps(index, indent=1))
+    log(f"[prepare] {len(index['videos'])} videos, {len(index['clips'])} clips of {clip_frames} frames, "
+        f"{len(index['skipped'])} skipped -> {out / 'dataset.json'}")
+    return index
+
+
+def _settings(path: Path) -> dict | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("settings", "null"))
+    except Exception:  # damaged file from an interrupted run: prepare it again
+        return None
+
+
+def _frame_count(path: Path) -> int:
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_slice("frames").get_shape()[0]
+
+
+class PreparedDataset:
+    """A prepared training set, read lazily: each video's tensors are loaded the first time they are needed and
+    kept (`keep_in_memory`) or read again from the memory-mapped file each time."""
+
+    def __init__(self, root, keep_in_memory: bool = True):
+        self.root = Path(root)
+        index_file = self.root / "dataset.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{index_file} not found: run `python -m emo_core prepare VIDEOS {self.root}` "
+                                    f"first")
+        self.index = json.loads(index_file.read_text())
+        if self.index.get("format") != FORMAT:
+            raise ValueError(f"{index_file} is not a dataset prepared by this pack (format "
+                             f"{self.index.get('format')!r})")
+        if not self.index["videos"]:
+            raise ValueError(f"the dataset {self.root} holds no usable video (skipped: "
+                             f"{[s['reason'] for s in self.index['skipped']][:5]})")
+        self.keep_in_memory = keep_in_memory
+        self._cache = {}
+
+    @property
+    def videos(self) -> list:
+        return self.index["videos"]
+
+    def video(self, i: int) -> dict:
+        if i in self._cache:
+            return self._cache[i]
+        path = self.root / self.videos[i]["file"]
+        with safe_open(str(path), framework="pt") as f:
+            data = {k: f.get_tensor(k) for k in f.keys()}
+        if self.keep_in_memory:
+            self._cache[i] = data
+        return data
+
+
+def main(argv=None):
+    from .audio import Wav2Vec2Features
+    from .face import YuNetDetector
+
+    p = argparse.ArgumentParser(prog="python -m emo_core prepare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("videos", type=Path, help="folder of talking-head videos with sound (searched recursively)")
+    p.add_argument("out", type=Path, help="output folder of the prepared training set")
+    p.add_argument("--audio-encoder", required=True, help="wav2vec2 the model will be trained with: a transformers "
+                                                          "folder or a weights file")
+    p.add_argument("--face-detector", required=True, help="YuNet weights (yunet_final.pth)")
+    p.add_argument("--confidence", type=float, default=0.6, help="face detection threshold (0.3 for drawn faces)")
+    p.add_argument("--size", type=int, default=512, help="side of the face-centred square crop in pixels")
+    p.add_argument("--fps", type=float, default=25, help="training frame rate; videos are resampled to it")
+    p.add_argument("--clip-frames", type=int, default=16, help="frames per entry of the clip index (motion + clip)")
+    p.add_argument("--max-speed", type=float, default=8.0, help="head speed (deg/frame) of the last speed bucket")
+    p.add_argument("--buckets", type=int, default=9, help="number of speed buckets")
+    args = p.parse_args(argv)
+    from .config import SpeedConfig
+
+    centres = SpeedConfig(buckets=args.buckets, max_speed=args.max_speed).centres()
+    try:
+        encoder = Wav2Vec2Features.from_files(args.audio_encoder)
+        detector = YuNetDetector(args.face_detector, confidence=args.confidence)
+        prepare(args.videos, args.out, encoder, detector, args.size, args.fps, args.clip_frames, centres)
+    except KeyboardInterrupt:
+        sys.exit("[prepare] interrupted")
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
