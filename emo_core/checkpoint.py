@@ -37,6 +37,11 @@ HALLO_PREFIXES = {
 }
 
 
+# Our checkpoints may carry the VAE and the audio encoder they were trained with (the bundled demo model does):
+# tensors under these prefixes, each with its library config (diffusers / transformers JSON) in the metadata.
+COMPANIONS = ("vae.", "audio_encoder.")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with a message that says why and what to do."""
 
@@ -200,7 +205,8 @@ def load_checkpoint(path, config: EMOConfig | None = None) -> tuple[EMOConfig, d
             raise CheckpointError(f"{path.name}: its embedded EMO config is missing or invalid ({e}); the file was "
                                   f"not written by this pack or is damaged") from e
         looks_like = f"an EMO checkpoint of config {own.name!r} ({'x'.join(map(str, own.unet.block_out_channels))})"
-        return config or own, state_dict, looks_like
+        model_keys = {k: v for k, v in state_dict.items() if not k.startswith(COMPANIONS)}
+        return config or own, model_keys, looks_like
     if looks_like == "a Hallo net.pth":
         if config is None:
             config = _sidecar_config(path)
@@ -237,7 +243,38 @@ def load_model(path, config: EMOConfig | None = None, dtype=torch.float32, devic
                        operations=operations)
 
 
-def save_checkpoint(model, path) -> None:
-    """Our format: one safetensors file, the config in its metadata."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"format": FORMAT_TAG, "emo_config": model.cfg.to_json()})
+def save_checkpoint(model, path, metadata: dict | None = None, extra: dict | None = None, dtype=None) -> None:
+    """Our format: one safetensors file, the config in its metadata. `extra`: more tensors under their own prefixes
+    (the bundled VAE and audio encoder); `dtype`: store floating-point tensors in this precision."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in {**model.state_dict(), **(extra or {})}.items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={**(metadata or {}), "format": FORMAT_TAG,
+                                            "emo_config": model.cfg.to_json()})
+
+
+def load_companions(path) -> dict:
+    """The VAE and audio encoder inside one of our checkpoints: {"vae"|"audio_encoder": (config dict, state dict)}
+    for those it carries (none for other files)."""
+    metadata = read_metadata(path)
+    if metadata.get("format") != FORMAT_TAG or not any(f"{p[:-1]}_config" in metadata for p in COMPANIONS):
+        return {}
+    state_dict, _ = read_state_dict(path)
+    found = {}
+    for prefix in COMPANIONS:
+        name = prefix[:-1]
+        if f"{name}_config" in metadata:
+            found[name] = (json.loads(metadata[f"{name}_config"]),
+                           {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+    return found
+
+
+def read_metadata(path) -> dict:
+    """The safetensors metadata of a file ({} for other formats)."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
