@@ -1,6 +1,7 @@
 """Benchmark: generation speed and memory of the clip-by-clip sampler, on random but seeded inputs.
 
     python -m emo_core.bench --preset tiny --size 64 --clips 2 --steps 4
+    python -m emo_core.bench --checkpoint emo_core/assets/emo-demo.safetensors --clips 4 --steps 20
     python -m emo_core.bench --checkpoint ../shared/fixtures/hallo_tiny/net.safetensors \
         --vae ../shared/fixtures/hallo_tiny/vae.safetensors --size 128
 
@@ -22,7 +23,6 @@ from .checkpoint import DTYPES
 from .config import PRESETS, preset
 from .sampler import GenerationInputs, SamplerSettings, SamplerStats, encode_reference, generate
 from .vae import random_vae
-
 
 
 def parse_args(argv=None):
@@ -74,12 +74,18 @@ def main(argv=None) -> dict:
 
     cfg = model.cfg
     tiny = cfg.unet.block_out_channels[0] < 320
-    size = args.size or (64 if tiny else 512)
+    size = args.size or (cfg.size if args.checkpoint else 64 if tiny else 512)
     frames = args.frames_per_clip or cfg.frames_per_clip
-    if args.vae:
+    bundled = {}
+    if args.checkpoint and not args.vae:
+        from .checkpoint import load_companions
+
+        bundled = load_companions(args.checkpoint)
+    if args.vae or bundled.get("vae"):
         from .vae import DiffusersVAE
 
-        vae = DiffusersVAE.from_files(args.vae, dtype=dtype, device=device)
+        vae = (DiffusersVAE.from_files(args.vae, dtype=dtype, device=device, scale=cfg.latent_scale) if args.vae else
+               DiffusersVAE.from_state_dict(*bundled["vae"], dtype=dtype, device=device, scale=cfg.latent_scale))
     else:
         vae = random_vae(tiny, dtype, device)  # timing only: weights do not matter
 

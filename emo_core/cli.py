@@ -1,8 +1,8 @@
-"""Command line: `python -m emo_core generate --image IMG --audio AUDIO --out OUT.mp4`.
+"""Command line: `python -m emo_core generate --image IMG --audio AUDIO --out OUT.mp4 [--checkpoint FILE]`.
 
-With no --checkpoint this runs the whole pipeline (audio features, ReferenceNet, clip-by-clip sampling, VAE,
-mp4 writing) on a tiny *randomly initialised* model: the video shows noise-like frames, not a talking face.
-That stays so until the bundled demo model exists; the command says so loudly.
+With no --checkpoint it runs the bundled demo model (emo_core/assets/emo-demo.safetensors: a small EMO trained by
+this project on synthetic faces, with its own VAE and audio encoder inside) on the bundled sample portrait and
+speech. Other commands (`prepare`, `train`, `eval-synthetic`, ...) are listed by `python -m emo_core --help`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from .checkpoint import DTYPES
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_CHECKPOINT = ASSETS / "emo-demo.safetensors"
 
 
 def generate_parser(sub):
@@ -26,20 +27,22 @@ def generate_parser(sub):
     p.add_argument("--image", default=str(ASSETS / "portrait.png"), help="portrait image (default: bundled sample)")
     p.add_argument("--audio", default=str(ASSETS / "speech.wav"), help="speech or singing (default: bundled sample)")
     p.add_argument("--out", default="out/emo.mp4", help="output mp4")
-    p.add_argument("--checkpoint", help="EMO checkpoint (ours or Hallo's net.pth); default: tiny random model")
-    p.add_argument("--vae", help="VAE: diffusers folder or .safetensors with its config beside it "
-                                 "(required with --checkpoint)")
+    p.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT),
+                   help="EMO checkpoint (ours or Hallo's net.pth); default: the bundled demo model")
+    p.add_argument("--vae", help="VAE: diffusers folder or .safetensors with its config beside it (needed when the "
+                                 "checkpoint carries none, e.g. sd-vae-ft-mse for Hallo)")
     p.add_argument("--audio-encoder", help="wav2vec2 the checkpoint was trained with: a transformers folder or a "
-                                           "weights file (required with --checkpoint)")
+                                           "weights file (needed when the checkpoint carries none)")
     p.add_argument("--size", type=int, default=None, help="square generation size in pixels (multiple of 8); "
-                                                          "default 512, 64 for the tiny random model")
+                                                          "default: the model's training size (512; demo 64)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 40)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's, 3.5)")
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp", "unipc"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=float, default=None, help="video frame rate (default: the model's, 25)")
     p.add_argument("--crf", type=int, default=18, help="H.264 quality: 0 lossless .. 51 worst (default 18)")
-    p.add_argument("--speed", type=float, default=None, help="head motion speed in degrees per frame (EMO models)")
+    p.add_argument("--speed", type=float, default=1.0, help="head motion speed in degrees per frame (EMO models "
+                                                             "with speed layers; default 1.0)")
     p.add_argument("--face-detector", help="YuNet weights (yunet_final.pth) for the face box, a face-centred crop "
                                            "of any portrait size and the paste-back; without it the portrait is "
                                            "centre-cropped and the face assumed in its middle")
@@ -80,7 +83,7 @@ def frame_portrait(original: torch.Tensor, size: int, args):
     """The square the model animates: around the detected face (any portrait size), or the centre square.
     Returns (crop geometry, portrait (1, 3, size, size) in [0, 1], face-locator mask (1, 1, size, size), the face
     in crop pixels or None)."""
-    from .face import Crop, YuNetDetector, box_mask, crop_image, expand_box, face_crop, pick_face
+    from .face import Crop, YuNetDetector, box_mask, centred_face_mask, crop_image, expand_box, face_crop, pick_face
 
     height, width = original.shape[-2:]
     centre = Crop(width / 2, height / 2, float(min(height, width)), size, height, width)
@@ -96,9 +99,7 @@ def frame_portrait(original: torch.Tensor, size: int, args):
                          size)
         return crop, crop_image(original, crop), (crop_image(user, crop) > 0.5).float(), None
     if not args.face_detector:
-        mask = torch.zeros(1, 1, size, size)
-        mask[..., size // 8: size * 7 // 8, size // 6: size * 5 // 6] = 1  # a centred face box
-        return centre, crop_image(original, centre), mask, None
+        return centre, crop_image(original, centre), centred_face_mask(size, size), None
     faces = YuNetDetector(args.face_detector).detect(original)[0]
     if not faces and args.whole_image_fallback:
         return centre, crop_image(original, centre), torch.ones(1, 1, size, size), None
@@ -109,36 +110,46 @@ def frame_portrait(original: torch.Tensor, size: int, args):
     return crop, crop_image(original, crop), mask, face
 
 
+def load_pipeline(checkpoint, vae=None, audio_encoder=None, dtype=torch.float32, device="cpu"):
+    """(model, VAE codec, audio encoder) of a checkpoint; the VAE and wav2vec2 bundled inside it unless given."""
+    from .audio import Wav2Vec2Features
+    from .checkpoint import load_companions, load_model
+    from .vae import DiffusersVAE
+
+    if not Path(checkpoint).is_file():
+        hint = " (the bundled demo model is missing: check out the repository again)" if Path(
+            checkpoint) == DEMO_CHECKPOINT else ""
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}{hint}")
+    model = load_model(checkpoint, dtype=dtype, device=device).eval()
+    bundled = load_companions(checkpoint)
+    scale = model.cfg.latent_scale
+    if vae:
+        codec = DiffusersVAE.from_files(vae, dtype=dtype, device=device, scale=scale)
+    elif "vae" in bundled:
+        codec = DiffusersVAE.from_state_dict(*bundled["vae"], dtype=dtype, device=device, scale=scale)
+    else:
+        raise ValueError(f"{Path(checkpoint).name} carries no VAE: pass --vae (the VAE it was trained with, e.g. "
+                         f"sd-vae-ft-mse for Hallo)")
+    if audio_encoder:
+        encoder = Wav2Vec2Features.from_files(audio_encoder, device=device)
+    elif "audio_encoder" in bundled:
+        config, state_dict = bundled["audio_encoder"]
+        encoder = Wav2Vec2Features.from_state_dict(state_dict, config, device=device)
+    else:
+        raise ValueError(f"{Path(checkpoint).name} carries no audio encoder: pass --audio-encoder (the wav2vec2 it "
+                         f"was trained with, e.g. wav2vec2-base-960h for Hallo)")
+    return model, codec, encoder
+
+
 def run_generate(args) -> Path:
-    from .audio import Wav2Vec2Features, random_audio_encoder, read_audio, to_mono
+    from .audio import read_audio, to_mono
     from .face import hallo_region_masks, paste_back
     from .sampler import GenerationInputs, SamplerSettings, encode_reference, generate
     from .video import VideoWriter
-    from .vae import DiffusersVAE, random_vae
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    if args.checkpoint:
-        from .checkpoint import load_model
-
-        if not (args.vae and args.audio_encoder):
-            raise SystemExit("--checkpoint needs --vae and --audio-encoder (the VAE and wav2vec2 it was trained with)")
-        model = load_model(args.checkpoint, dtype=dtype, device=device).eval()
-        vae = DiffusersVAE.from_files(args.vae, dtype=dtype, device=device)
-        encoder = Wav2Vec2Features.from_files(args.audio_encoder, device=device)
-        size = args.size or 512
-    else:
-        from .config import preset
-        from .models.emo import EMONet
-        from .random_weights import randomize_
-
-        print("=" * 78 + "\nNOTE: no --checkpoint given and no bundled demo model exists yet: running the full\n"
-              "pipeline on a tiny RANDOMLY INITIALISED model. The video will not show a talking face.\n" + "=" * 78,
-              file=sys.stderr)
-        cfg = preset("tiny")
-        model = randomize_(EMONet(cfg), args.seed).to(device=device, dtype=dtype).eval()
-        vae = random_vae(tiny=True, dtype=dtype, device=device)
-        encoder = random_audio_encoder(cfg.audio.layers, cfg.audio.channels)
-        size = args.size or 64
+    model, vae, encoder = load_pipeline(args.checkpoint, args.vae, args.audio_encoder, dtype, device)
+    size = args.size or model.cfg.size
     cfg = model.cfg
     fps = cfg.fps if args.fps is None else args.fps
 
@@ -163,7 +174,7 @@ def run_generate(args) -> Path:
             print(f"{chr(13) if tty else ''}[emo] clip {clip + 1}/{clips}  step {step}/{total}  "
                   f"{time.perf_counter() - started:.1f}s", end="" if tty else "\n", file=sys.stderr, flush=True)
 
-    metadata = {"comment": f"EMO for ComfyUI; seed {args.seed}; checkpoint {args.checkpoint or 'tiny random'}"}
+    metadata = {"comment": f"EMO for ComfyUI; seed {args.seed}; checkpoint {Path(args.checkpoint).name}"}
     with VideoWriter(args.out, fps, audio=sound.numpy(), sample_rate=rate, crf=args.crf, metadata=metadata) as writer:
         for clip in generate(model, inputs, settings, codec=vae, progress=progress):
             frames = vae.decode(clip.latents[0].transpose(0, 1)).float().cpu()  # (F, 3, size, size) in [0, 1]
@@ -172,8 +183,26 @@ def run_generate(args) -> Path:
     return Path(args.out)
 
 
+# Subcommands with their own parsers: `python -m emo_core NAME --help`.
+COMMANDS = {
+    "prepare": ("emo_core.data", "talking-head videos -> a prepared training set"),
+    "train": ("emo_core.train", "train one stage (1 images, 2 video + audio, 3 speed) from a JSON config"),
+    "train-vae": ("emo_core.train", "train a small VAE on a prepared set (for small models)"),
+    "new-audio-encoder": ("emo_core.train", "write a randomly initialised small wav2vec2 (for small models)"),
+    "bundle": ("emo_core.train", "one checkpoint with its VAE and audio encoder inside"),
+    "eval-synthetic": ("emo_core.evaluate", "lip-sync, identity, continuity and speed metrics on synthetic faces"),
+}
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m emo_core")
+    import importlib
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        return module.main(argv[1:]) if argv[0] in ("prepare", "eval-synthetic") else module.main(argv)
+    parser = argparse.ArgumentParser(prog="python -m emo_core", epilog="other commands: " + "; ".join(
+        f"{name}: {what}" for name, (_, what) in COMMANDS.items()))
     sub = parser.add_subparsers(dest="command", required=True)
     generate_parser(sub)
     args = parser.parse_args(argv)

@@ -134,6 +134,14 @@ def face_locator_masks(boxes: list, height: int, width: int, clip_length: int, e
     return torch.cat(masks)
 
 
+def centred_face_mask(height: int, width: int) -> torch.Tensor:
+    """(1, 1, H, W) face-locator mask for a portrait framed around the face (as face-centred crops are): the
+    middle 2/3 of the width and 3/4 of the height. Used when neither a mask nor a detector is given."""
+    mask = torch.zeros(1, 1, height, width)
+    mask[..., height // 8: height * 7 // 8, width // 6: width * 5 // 6] = 1
+    return mask
+
+
 def portrait_face_mask(detector: YuNetDetector | None, image: torch.Tensor, expand: float = 1.2,
                        face_index: int = 0, fallback: str = "error", user_mask: torch.Tensor | None = None):
     """Face-locator mask (1, 1, H, W) for one portrait (1, C, H, W). A user-supplied mask (H, W) or (1, 1, H, W)

@@ -33,6 +33,16 @@ class DiffusersVAE:
             vae.load_state_dict(state_dict)
         return cls(vae.to(device=device, dtype=dtype).eval(), scale)
 
+    @classmethod
+    def from_state_dict(cls, config: dict, state_dict: dict, dtype=torch.float32, device="cpu",
+                        scale: float | None = None):
+        """A diffusers AutoencoderKL from its config and weights (e.g. the VAE bundled inside an EMO checkpoint);
+        the latent scale defaults to the config's scaling_factor."""
+        vae = AutoencoderKL.from_config(config)
+        vae.load_state_dict(state_dict)
+        scale = scale if scale is not None else vae.config.scaling_factor
+        return cls(vae.to(device=device, dtype=dtype).eval(), scale)
+
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         # pixels: (N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8)
         with torch.no_grad():
@@ -46,6 +56,22 @@ class DiffusersVAE:
                 x = self.vae.decode(chunk.to(device=self.vae.device, dtype=self.vae.dtype) * (1 / self.scale)).sample
                 out.append((x / 2 + 0.5).clamp(0, 1))
         return torch.cat(out)
+
+
+def ldm_config(config: dict) -> dict:
+    """The original (LDM) AutoencoderKL settings of a diffusers AutoencoderKL config: what ComfyUI's VAE class
+    takes as `config={"params": ...}` to build a VAE of another width than SD's (e.g. a bundled small one).
+    Diffusers' per-level widths become LDM's base width times multipliers; LDM norms always have 32 groups."""
+    blocks = list(config["block_out_channels"])
+    if config.get("norm_num_groups", 32) != 32 or any(c % blocks[0] for c in blocks):
+        raise ValueError(f"this VAE (widths {blocks}, {config.get('norm_num_groups')} norm groups) has no LDM "
+                         f"equivalent: LDM VAEs use 32 norm groups and widths that are multiples of the first")
+    latent = config.get("latent_channels", 4)
+    ddconfig = {"double_z": True, "z_channels": latent, "resolution": config.get("sample_size", 256),
+                "in_channels": config.get("in_channels", 3), "out_ch": config.get("out_channels", 3),
+                "ch": blocks[0], "ch_mult": [c // blocks[0] for c in blocks],
+                "num_res_blocks": config.get("layers_per_block", 2), "attn_resolutions": [], "dropout": 0.0}
+    return {"embed_dim": latent, "ddconfig": ddconfig}
 
 
 def random_vae(tiny: bool, dtype=torch.float32, device="cpu", seed: int = 0) -> DiffusersVAE:
