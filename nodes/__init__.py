@@ -11,7 +11,8 @@ import os
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
-from .nodes import EMOEncodeAudio, EMOFaceMask, EMOLoader, EMOReferenceNet, EMOSampler, EMOVideoCombine
+from .nodes import (EMOEncodeAudio, EMOFaceMask, EMOLoader, EMOReferenceNet, EMOSampleInputs, EMOSampler,
+                    EMOVideoCombine)
 
 MODEL_FOLDERS = {
     "emo": "EMO-family checkpoints: our .safetensors and Hallo's net.pth",
@@ -19,17 +20,25 @@ MODEL_FOLDERS = {
 }
 
 
+# The bundled demo model lives in the pack (emo_core/assets/emo-demo.safetensors): listed by Load EMO after the
+# files of models/emo.
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "emo_core", "assets")
+
+
 def register_model_folders() -> None:
-    """models/emo and models/face_detection, added so that paths from extra_model_paths.yaml are kept."""
+    """models/emo and models/face_detection, added so that paths from extra_model_paths.yaml are kept; the
+    pack's assets folder is one more place for `emo` (the demo model)."""
     for key in MODEL_FOLDERS:
         folder_paths.add_model_folder_path(key, os.path.join(folder_paths.models_dir, key))
         paths, extensions = folder_paths.folder_names_and_paths[key]
         folder_paths.folder_names_and_paths[key] = (paths, set(extensions) | set(folder_paths.supported_pt_extensions))
+    folder_paths.add_model_folder_path("emo", ASSETS)
 
 
 class EMOExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [EMOLoader, EMOEncodeAudio, EMOFaceMask, EMOReferenceNet, EMOSampler, EMOVideoCombine]
+        return [EMOLoader, EMOSampleInputs, EMOEncodeAudio, EMOFaceMask, EMOReferenceNet, EMOSampler,
+                EMOVideoCombine]
 
 
 register_model_folders()

@@ -22,14 +22,17 @@ class EMOLoader(io.ComfyNode):
         return io.Schema(
             node_id="EMOLoader", display_name="Load EMO", category=CATEGORY,
             description="Loads an EMO-family checkpoint from models/emo: this pack's .safetensors or Hallo's net.pth "
-                        "(format detected). ComfyUI decides where it lives and when it is offloaded.",
+                        "(format detected). ComfyUI decides where it lives and when it is offloaded. The bundled demo "
+                        "model (emo-demo.safetensors) carries its own VAE and audio encoder.",
             inputs=[
                 io.Combo.Input("checkpoint", options=folder_paths.get_filename_list("emo"),
                                tooltip="A file in models/emo: an EMO checkpoint of this pack or Hallo's net.pth."),
                 io.Combo.Input("precision", options=PRECISIONS, default="auto",
                                tooltip="Weight precision; auto picks what this device runs best."),
             ],
-            outputs=[EMO_MODEL.Output(display_name="emo_model")],
+            outputs=[EMO_MODEL.Output(display_name="emo_model"),
+                     io.Vae.Output(display_name="vae", tooltip="The VAE inside the checkpoint (the demo model has "
+                                   "one); empty for checkpoints without one, e.g. Hallo: use Load VAE then.")],
         )
 
     @classmethod
@@ -41,7 +44,26 @@ class EMOLoader(io.ComfyNode):
             raise FileNotFoundError(f"EMO checkpoint {checkpoint!r} not found in models/emo "
                                     f"({folder_paths.get_folder_paths('emo')}). Put this pack's checkpoint or "
                                     f"Hallo's net.pth (from the fudan-generative-vision/hallo release) there.")
-        return io.NodeOutput(load_emo_model(path, precision))
+        return io.NodeOutput(*load_emo_model(path, precision))
+
+
+class EMOSampleInputs(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EMOSampleInputs", display_name="EMO Sample Portrait + Speech", category=CATEGORY,
+            description="The pack's own sample portrait and speech (made by emo_core.synthetic), so the example "
+                        "workflow runs with nothing to download. Use Load Image and Load Audio for your own.",
+            inputs=[io.Combo.Input("sample", options=["synthetic speaker"], default="synthetic speaker",
+                                   tooltip="Which bundled sample (portrait + speech) to output.")],
+            outputs=[io.Image.Output(display_name="portrait"), io.Audio.Output(display_name="speech")],
+        )
+
+    @classmethod
+    def execute(cls, sample) -> io.NodeOutput:
+        from .runtime import sample_inputs
+
+        return io.NodeOutput(*sample_inputs())
 
 
 class EMOEncodeAudio(io.ComfyNode):
@@ -53,18 +75,20 @@ class EMOEncodeAudio(io.ComfyNode):
                         "loaded checkpoint expects (for Hallo-style models exactly Hallo's way).",
             inputs=[
                 EMO_MODEL.Input("emo_model", tooltip="The model the features are for (layers, clip length)."),
-                io.AudioEncoder.Input("audio_encoder", tooltip="wav2vec2 from Load Audio Encoder (models/"
-                                      "audio_encoders); only its weights are used, not ComfyUI's encoding."),
                 io.Audio.Input("audio", tooltip="Any sample rate, mono or stereo."),
                 io.Float.Input("fps", default=25.0, min=1.0, max=120.0, step=0.01,
                                tooltip="Frame rate of the video to generate."),
+                io.AudioEncoder.Input("audio_encoder", optional=True,
+                                      tooltip="wav2vec2 from Load Audio Encoder (models/audio_encoders), e.g. "
+                                      "wav2vec2-base-960h for Hallo; only its weights are used, not ComfyUI's "
+                                      "encoding. Leave empty for checkpoints that carry their own (the demo)."),
             ],
             outputs=[EMO_AUDIO.Output(display_name="emo_audio"),
                      io.Audio.Output(display_name="audio", tooltip="The audio cut or padded to the video's length.")],
         )
 
     @classmethod
-    def execute(cls, emo_model: EMOModel, audio_encoder, audio, fps) -> io.NodeOutput:
+    def execute(cls, emo_model: EMOModel, audio, fps, audio_encoder=None) -> io.NodeOutput:
         from .runtime import encode_audio
 
         return io.NodeOutput(*encode_audio(emo_model, audio_encoder, audio, fps))
@@ -113,7 +137,8 @@ class EMOReferenceNet(io.ComfyNode):
                 EMO_MODEL.Input("emo_model", tooltip="The EMO model."),
                 io.Image.Input("image", tooltip="The portrait; width and height must be multiples of 8 (the "
                                                 "first image of a batch is used)."),
-                io.Vae.Input("vae", tooltip="The SD1.5 VAE the model was trained with (e.g. sd-vae-ft-mse)."),
+                io.Vae.Input("vae", tooltip="The VAE the model was trained with: Load EMO's own for the demo "
+                                            "model, Load VAE with sd-vae-ft-mse for Hallo."),
             ],
             outputs=[EMO_REFERENCE.Output(display_name="reference")],
         )
@@ -150,7 +175,8 @@ class EMOSampler(io.ComfyNode):
                 io.Float.Input("speed", default=2.0, min=0.0, max=10.0, step=0.1,
                                tooltip="Head motion speed in degrees per frame (EMO models with speed layers)."),
                 io.Mask.Input("face_mask", optional=True,
-                              tooltip="Face region (EMO Face Mask): one mask, or one per frame."),
+                              tooltip="Face region (EMO Face Mask): one mask, or one per frame. Empty: a centred "
+                                      "box, for portraits framed around the face."),
             ],
             outputs=[io.Latent.Output(display_name="latent")],
         )

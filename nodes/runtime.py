@@ -10,14 +10,16 @@ import weakref
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
+import comfy.sd
 import comfy.utils
 import torch
 
 from ..emo_core.audio import Wav2Vec2Features, to_mono
-from ..emo_core.checkpoint import DTYPES, build_model, load_checkpoint
-from ..emo_core.face import YuNetDetector, face_box_mask
+from ..emo_core.checkpoint import DTYPES, build_model, load_checkpoint, load_companions
+from ..emo_core.face import YuNetDetector, centred_face_mask, face_box_mask
 from ..emo_core.sampler import EMOInputError, GenerationInputs, SamplerSettings, generate
 from ..emo_core.sampler import encode_reference as encode_reference_latent
+from ..emo_core.vae import ldm_config
 from ..emo_core.video import VideoWriter
 from .types import EMOAudio, EMOModel, EMOReference
 
@@ -26,8 +28,10 @@ log = logging.getLogger("EMO")
 
 # ---- Load EMO -------------------------------------------------------------------------------------------------
 
-def load_emo_model(path: str, precision: str) -> EMOModel:
+def load_emo_model(path: str, precision: str):
+    """(EMO_MODEL, core VAE or None): the VAE is the one bundled in the checkpoint, if it carries one."""
     config, state_dict, looks_like = load_checkpoint(path)
+    bundled = load_companions(path)
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     params = sum(v.numel() for v in state_dict.values())
     if precision == "auto":
@@ -39,14 +43,29 @@ def load_emo_model(path: str, precision: str) -> EMOModel:
     model = build_model(config, state_dict, source=os.path.basename(path), looks_like=looks_like,
                         dtype=weight_dtype, device=offload_device, operations=operations).eval()
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
-    log.info("EMO: loaded %s (%s, %.0f M parameters, weights %s, compute %s)", path, config.name, params / 1e6,
-             weight_dtype, compute_dtype)
-    return EMOModel(patcher, compute_dtype, path)
+    log.info("EMO: loaded %s (%s, %.0f M parameters, weights %s, compute %s%s)", path, config.name, params / 1e6,
+             weight_dtype, compute_dtype, "; with its own VAE and audio encoder" if bundled else "")
+    vae = None
+    if "vae" in bundled:
+        vae_config, vae_weights = bundled["vae"]
+        vae = comfy.sd.VAE(sd=vae_weights, config={"params": ldm_config(vae_config)})
+    return EMOModel(patcher, compute_dtype, path, bundled.get("audio_encoder")), vae
+
+
+# ---- EMO Sample Portrait + Speech ------------------------------------------------------------------------------
+
+def sample_inputs():
+    """IMAGE (1, H, W, 3) and AUDIO of the bundled sample."""
+    from ..emo_core.audio import read_audio
+    from ..emo_core.cli import ASSETS, load_image
+
+    waveform, rate = read_audio(ASSETS / "speech.wav")
+    return load_image(ASSETS / "portrait.png").permute(0, 2, 3, 1), {"waveform": waveform[None], "sample_rate": rate}
 
 
 # ---- EMO Encode Audio -----------------------------------------------------------------------------------------
 
-_encoders = weakref.WeakKeyDictionary()  # AUDIO_ENCODER -> (our extractor on its weights, its ModelPatcher)
+_encoders = weakref.WeakKeyDictionary()  # AUDIO_ENCODER or EMO_MODEL -> (our extractor, its ModelPatcher)
 
 
 class _Holder(torch.nn.Module):
@@ -58,14 +77,24 @@ class _Holder(torch.nn.Module):
         self.model = model
 
 
-def _feature_extractor(audio_encoder):
-    """Our Hallo-style feature extractor on the weights of ComfyUI's AUDIO_ENCODER, under ComfyUI's manager."""
-    if audio_encoder not in _encoders:
-        extractor = Wav2Vec2Features.from_state_dict(audio_encoder.get_sd(), device=mm.text_encoder_offload_device())
+def _feature_extractor(audio_encoder, emo_model: EMOModel):
+    """Our Hallo-style feature extractor on the weights of ComfyUI's AUDIO_ENCODER (or, when none is connected, of
+    the wav2vec2 bundled in the EMO checkpoint), under ComfyUI's memory manager."""
+    key = audio_encoder if audio_encoder is not None else emo_model
+    if key not in _encoders:
+        if audio_encoder is not None:
+            config, state_dict = None, audio_encoder.get_sd()
+        elif emo_model.audio_encoder is not None:
+            config, state_dict = emo_model.audio_encoder
+        else:
+            raise EMOInputError(f"{os.path.basename(emo_model.name)} carries no audio encoder: connect Load Audio "
+                                f"Encoder with the wav2vec2 it was trained with (e.g. wav2vec2-base-960h for Hallo, "
+                                f"in models/audio_encoders)")
+        extractor = Wav2Vec2Features.from_state_dict(state_dict, config, device=mm.text_encoder_offload_device())
         patcher = comfy.model_patcher.ModelPatcher(_Holder(extractor.model), load_device=mm.text_encoder_device(),
                                                    offload_device=mm.text_encoder_offload_device())
-        _encoders[audio_encoder] = (extractor, patcher)
-    return _encoders[audio_encoder]
+        _encoders[key] = (extractor, patcher)
+    return _encoders[key]
 
 
 def encode_audio(emo_model: EMOModel, audio_encoder, audio: dict, fps: float):
@@ -73,7 +102,7 @@ def encode_audio(emo_model: EMOModel, audio_encoder, audio: dict, fps: float):
     waveform, rate = audio["waveform"], audio["sample_rate"]
     if waveform.ndim != 3 or waveform.shape[-1] == 0:
         raise EMOInputError(f"the audio is empty (shape {tuple(waveform.shape)}): connect a clip with sound")
-    extractor, patcher = _feature_extractor(audio_encoder)
+    extractor, patcher = _feature_extractor(audio_encoder, emo_model)
     if extractor.layers != cfg.audio.layers:
         raise EMOInputError(f"this audio encoder has {extractor.layers} layers, the EMO model expects features of "
                             f"{cfg.audio.layers} (e.g. wav2vec2-base-960h for Hallo): load the encoder the "
@@ -120,6 +149,9 @@ class ComfyVAECodec:
 
 
 def encode_reference(emo_model: EMOModel, image: torch.Tensor, vae) -> EMOReference:
+    if vae is None:
+        raise EMOInputError("no VAE: this EMO checkpoint carries none, so connect Load VAE with the VAE it was "
+                            "trained with (e.g. sd-vae-ft-mse for Hallo, in models/vae)")
     if getattr(vae, "latent_channels", 4) != emo_model.config.unet.in_channels:
         raise EMOInputError(f"this VAE makes {vae.latent_channels}-channel latents; the EMO model needs an SD1.5 VAE "
                             f"({emo_model.config.unet.in_channels} channels), e.g. sd-vae-ft-mse")
@@ -135,8 +167,9 @@ def sample(emo_model: EMOModel, reference: EMOReference, emo_audio: EMOAudio, fa
            scheduler, frames_per_clip, motion_frames, speed) -> torch.Tensor:
     """Returns LATENT samples (frames, 4, h, w), unscaled as core VAE Decode expects."""
     config = emo_model.config
-    mask = None
-    if face_mask is not None:
+    if face_mask is None:  # as the command line: a portrait framed around the face
+        mask = centred_face_mask(reference.height, reference.width)
+    else:
         if tuple(face_mask.shape[-2:]) != (reference.height, reference.width):
             raise EMOInputError(f"face mask is {face_mask.shape[-1]}x{face_mask.shape[-2]}, the portrait "
                                 f"{reference.width}x{reference.height}: make the mask from the same image")

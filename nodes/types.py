@@ -19,6 +19,7 @@ class EMOModel:
     patcher: Any  # comfy.model_patcher.ModelPatcher over an emo_core EMONet built from comfy.ops
     compute_dtype: Any  # torch dtype the activations use (may differ from the stored weights)
     name: str
+    audio_encoder: Any = None  # (transformers config, state dict) of the wav2vec2 bundled in the checkpoint
 
     @property
     def config(self):
