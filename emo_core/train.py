@@ -245,6 +245,32 @@ def encode_latents(vae, pixels: torch.Tensor, scale: float) -> torch.Tensor:
 
 # ---- the run ----------------------------------------------------------------------------------------------------
 
+class LossLog:
+    """The loss averaged over each log interval: a line of log.csv (step, loss, lr, seconds, samples/s) and the
+    progress bar's postfix. `samples`: training samples behind each `add`."""
+
+    HEADER = "step,loss,lr,seconds,samples_per_s\n"
+
+    def __init__(self, path: Path, samples: int, bar, write: bool = True):
+        self.path, self.samples, self.bar, self.write_file = path, samples, bar, write
+        self.losses, self.started = [], time.perf_counter()
+        self.last = self.started
+
+    def add(self, loss: torch.Tensor):
+        self.losses.append(float(loss.detach()))
+
+    def flush(self, step: int, lr: float):
+        if not self.losses:
+            return
+        mean, now = sum(self.losses) / len(self.losses), time.perf_counter()
+        rate = self.samples * len(self.losses) / max(now - self.last, 1e-9)
+        self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.1e}")
+        if self.write_file:
+            with open(self.path, "a") as f:
+                f.write(f"{step},{mean:.6f},{lr:.3e},{now - self.started:.1f},{rate:.2f}\n")
+        self.losses, self.last = [], now
+
+
 def build_for_stage(cfg: TrainConfig, vae_scale: float | None):
     """The model at the start of the stage, and where it came from."""
     init = cfg.init
@@ -357,7 +383,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
     elif accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(run, indent=1))
-        (out / "log.csv").write_text("step,loss,lr,seconds,samples_per_s\n")
+        (out / "log.csv").write_text(LossLog.HEADER)
     loader = torch.utils.data.DataLoader(samples, batch_size=cfg.batch_size,
                                          sampler=range(step * per_step, len(samples)), num_workers=0)
     loader = accelerator.prepare_data_loader(loader)
@@ -368,11 +394,12 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
 
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed + step)
     train_steps = model.cfg.scheduler["num_train_timesteps"]
-    started = last = time.perf_counter()
+    started = time.perf_counter()
     deadline = started + max_minutes * 60 if max_minutes else None
     bar = tqdm(total=cfg.steps, initial=step, disable=not accelerator.is_local_main_process, desc=f"stage {cfg.stage}",
                dynamic_ncols=True, mininterval=1.0)
-    window, stopped = [], None
+    losses = LossLog(out / "log.csv", cfg.batch_size * accelerator.num_processes, bar, accelerator.is_main_process)
+    stopped = None
     try:
         for batch in loader:
             if step >= cfg.steps:
@@ -393,20 +420,13 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            window.append(float(loss.detach()))
+            losses.add(loss)
             if not accelerator.sync_gradients:
                 continue
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                mean, now = sum(window) / len(window), time.perf_counter()
-                rate = per_step * len(window) / cfg.gradient_accumulation / max(now - last, 1e-9)
-                window, last = [], now
-                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}")
-                if accelerator.is_main_process:
-                    with open(out / "log.csv", "a") as f:
-                        f.write(f"{step},{mean:.6f},{lr_scheduler.get_last_lr()[0]:.3e},{now - started:.1f},"
-                                f"{rate:.2f}\n")
+                losses.flush(step, lr_scheduler.get_last_lr()[0])
             if step % cfg.save_every == 0:
                 _save(accelerator, step_fn, checkpoints, step, out, cfg.stage)
             if deadline and time.perf_counter() > deadline:
@@ -489,8 +509,10 @@ def small_vae(size: int, blocks: tuple = (32, 64, 64, 64)):
 
 def train_vae(data: PreparedDataset, out, steps: int = 3000, batch_size: int = 32, learning_rate: float = 1e-3,
               kl_weight: float = 1e-6, seed: int = 0, max_minutes: float | None = None, log=print) -> Path:
-    """Reconstruction (L2 + L1) with a small KL term on the dataset's frames; the scaling factor is set to
-    1 / std of the latents so that they have unit variance, as SD's 0.18215 does for its VAE."""
+    """Reconstruction (L2 + L1) of the posterior mean with a small KL term on the dataset's frames. EMO only ever
+    uses the mean (training latents, the reference, motion frames), and decoding samples of a freshly initialised
+    posterior (std 1) slows a short training down a lot. The scaling factor is set to 1 / std of the latents so
+    that they have unit variance, as SD's 0.18215 does for its VAE."""
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -503,30 +525,26 @@ def train_vae(data: PreparedDataset, out, steps: int = 3000, batch_size: int = 3
     lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=min(100, steps // 10), num_training_steps=steps)
     generator = torch.Generator().manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "log.csv").write_text("step,loss,lr,seconds,samples_per_s\n")
-    started = last = time.perf_counter()
+    (out / "log.csv").write_text(LossLog.HEADER)
+    started = time.perf_counter()
     bar = tqdm(total=steps, desc="vae", dynamic_ncols=True, mininterval=1.0)
-    window, step, stopped = [], 0, None
+    losses = LossLog(out / "log.csv", batch_size, bar)
+    step, stopped = 0, None
     try:
         for step in range(1, steps + 1):
             x = _pixels(frames[torch.randint(len(frames), (batch_size,), generator=generator)])
             posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample(generator)).sample
+            recon = vae.decode(posterior.mean).sample  # the mean: what EMO encodes, at training and inference
             loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + kl_weight * posterior.kl().mean()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            window.append(float(loss.detach()))
+            losses.add(loss)
             bar.update(1)
             if step % 20 == 0 or step == steps:
-                now = time.perf_counter()
-                with open(out / "log.csv", "a") as f:
-                    f.write(f"{step},{sum(window) / len(window):.6f},{lr_scheduler.get_last_lr()[0]:.3e},"
-                            f"{now - started:.1f},{batch_size * len(window) / max(now - last, 1e-9):.1f}\n")
-                bar.set_postfix(loss=f"{sum(window) / len(window):.4f}")
-                window, last = [], now
+                losses.flush(step, lr_scheduler.get_last_lr()[0])
             if max_minutes and time.perf_counter() - started > max_minutes * 60:
                 stopped = f"time limit of {max_minutes} minutes reached"
                 break

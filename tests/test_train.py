@@ -1,0 +1,181 @@
+"""Data preparation and the three training stages on a few tiny synthetic videos (smoke runs of a few steps)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from emo_core.audio import Wav2Vec2Features, random_audio_encoder
+from emo_core.checkpoint import CheckpointError, load_checkpoint, load_model, read_metadata
+from emo_core.data import PreparedDataset, prepare
+from emo_core.face import YuNetDetector
+from emo_core.synthetic import speech, write_clip
+from emo_core.train import TrainConfig, bundle, train, train_vae, trainable_names
+from emo_core.video import VideoWriter
+
+from .conftest import face_fixture_dir
+
+SIZE = 64
+
+
+def _write(path, frames, audio):
+    with VideoWriter(path, 25, audio=audio, sample_rate=16000) as writer:
+        writer.write(frames)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Two good synthetic videos, four bad ones, prepared; a VAE trained for two steps; a tiny audio encoder."""
+    root = tmp_path_factory.mktemp("train")
+    videos = root / "videos"
+    for i in range(2):
+        write_clip(videos / f"person{i}.mp4", seed=20 + i, seconds=1.2, size=128, speed=2.0)
+    (videos / "broken.mp4").write_bytes(b"this is not a video")
+    wall = torch.full((30, 3, 96, 96), 0.6)
+    sound = speech(1.2, 3)[0]
+    _write(videos / "silent.mp4", wall, np.zeros_like(sound))
+    _write(videos / "no_audio.mp4", wall, None)
+    _write(videos / "no_face.mp4", wall, sound)
+    encoder = random_audio_encoder(3, 16)  # the tiny preset's audio layout
+    encoder.model.save_pretrained(root / "encoder")
+    detector = YuNetDetector(face_fixture_dir() / "yunet_final.pth", confidence=0.3)
+    index = prepare(videos, root / "prepared", encoder, detector, size=SIZE, clip_frames=6, log=lambda m: None)
+    train_vae(PreparedDataset(root / "prepared"), root / "vae", steps=2, batch_size=2, log=lambda m: None)
+    return root, index
+
+
+def test_prepare_keeps_good_videos_and_reports_bad_ones(workdir):
+    root, index = workdir
+    assert [v["name"] for v in index["videos"]] == ["person0", "person1"]
+    reasons = {s["video"].rsplit("/", 1)[-1]: s["reason"] for s in index["skipped"]}
+    assert set(reasons) == {"broken.mp4", "silent.mp4", "no_audio.mp4", "no_face.mp4"}
+    assert "unreadable" in reasons["broken.mp4"]
+    assert "silent" in reasons["silent.mp4"]
+    assert "no usable audio" in reasons["no_audio.mp4"]
+    assert "no face" in reasons["no_face.mp4"]
+    assert index["clips"] == [[v, s] for v in range(2) for s in range(0, 30 - 6 + 1, 6)]
+    video = PreparedDataset(root / "prepared").video(0)
+    assert video["frames"].shape == (30, SIZE, SIZE, 3) and video["frames"].dtype == torch.uint8
+    assert video["audio"].shape == (30, 3, 16)
+    assert video["speed"].shape == (30,) and bool((video["speed"] >= 0).all())
+    assert int(video["speed_bucket"].max()) < len(index["speed_centres"])
+    boxes = video["boxes"]
+    assert bool((boxes[:, 2] > boxes[:, 0]).all()) and float(boxes.max()) <= SIZE * 1.5
+
+
+def test_prepare_resumes_and_refuses_empty_folders(workdir, tmp_path):
+    root, index = workdir
+    encoder = Wav2Vec2Features.from_files(root / "encoder")
+    detector = YuNetDetector(face_fixture_dir() / "yunet_final.pth", confidence=0.3)
+    lines = []
+    again = prepare(root / "videos", root / "prepared", encoder, detector, size=SIZE, clip_frames=6, log=lines.append)
+    assert again["videos"] == index["videos"]
+    assert sum("kept (prepared before)" in line for line in lines) == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no videos"):
+        prepare(tmp_path / "empty", tmp_path / "out", encoder, detector)
+
+
+def _config(root, stage, out, init="scratch", steps=3, **extra):
+    cfg = dict(stage=stage, data=str(root / "prepared"), vae=str(root / "vae"), output=str(root / out),
+               init=init, steps=steps, batch_size=2, learning_rate=1e-3, weight_decay=0.0, save_every=2,
+               log_every=1, model="tiny", latent_scale="vae")
+    cfg.update(extra)
+    path = root / f"{out}.json"
+    path.write_text(json.dumps(cfg))
+    return TrainConfig.load(path)
+
+
+def _snapshot(path):
+    _, state_dict, _ = load_checkpoint(path)
+    return state_dict
+
+
+def _changed(before, after, group):
+    names = [k for k in after if group(k)]
+    assert names, "the group names no parameter"
+    return {k for k in names if not torch.equal(before[k], after[k])}
+
+
+def test_three_stages_train_what_the_paper_trains(workdir):
+    root, _ = workdir
+    log = []
+    first = train(_config(root, 1, "stage1"), log=log.append)
+    assert read_metadata(first)["stage"] == "1"
+    fresh = load_model(first)  # reloads as a model
+    assert fresh.cfg.latent_scale == pytest.approx(json.loads((root / "vae" / "config.json").read_text())
+                                                   ["scaling_factor"])
+    losses = [float(line.split(",")[1]) for line in (root / "stage1" / "log.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert (root / "stage1" / "loss.svg").read_text().startswith("<svg")
+
+    stage1 = _snapshot(first)
+    second = train(_config(root, 2, "stage2", init=f"checkpoint:{first}"), log=log.append)
+    stage2 = _snapshot(second)
+    temporal = lambda k: ".motion_modules." in k  # noqa: E731
+    audio = lambda k: ".audio_modules." in k or k.startswith("audio_proj.")  # noqa: E731
+    spatial = lambda k: k.startswith(("reference_net.", "backbone.", "face_locator.")) and not (  # noqa: E731
+        temporal(k) or audio(k))
+    assert _changed(stage1, stage2, temporal) and _changed(stage1, stage2, audio)
+    assert not _changed(stage1, stage2, spatial)
+    assert not _changed(stage1, stage2, lambda k: k.startswith("speed_encoder.") or "speed_attention" in k)
+
+    third = train(_config(root, 3, "stage3", init=f"checkpoint:{second}"), log=log.append)
+    stage3 = _snapshot(third)
+    assert _changed(stage2, stage3, lambda k: k.startswith("speed_encoder."))
+    assert _changed(stage2, stage3, temporal)
+    assert not _changed(stage2, stage3, audio), "stage 3 keeps the audio layers frozen"
+    assert not _changed(stage2, stage3, spatial)
+
+    # stage 1 trained the spatial layers and the face locator, not the temporal or audio layers
+    start = load_model(first).state_dict()
+    names = trainable_names(fresh, 1)
+    assert names and not any(temporal(k) or audio(k) for k in names)
+    assert any(k.startswith("face_locator.") for k in names) and any(k.startswith("reference_net.") for k in names)
+    assert set(start) == set(stage1)
+
+
+def test_resume_continues_and_mismatches_are_refused(workdir):
+    root, _ = workdir
+    cfg = _config(root, 1, "resume", steps=2)
+    train(cfg, log=lambda m: None)
+    with pytest.raises(ValueError, match="already holds a training run"):
+        train(cfg, log=lambda m: None)
+    other = _config(root, 1, "resume", steps=4, model="demo")
+    with pytest.raises(ValueError, match="cannot resume"):
+        train(other, resume=True, log=lambda m: None)
+    more = _config(root, 1, "resume", steps=4)
+    lines = []
+    train(more, resume=True, log=lines.append)
+    assert any("resumed" in line and "at step 2" in line for line in lines)
+    steps = [int(line.split(",")[0]) for line in (root / "resume" / "log.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4]
+    with pytest.raises(CheckpointError, match="stage-1 checkpoint"):
+        train(_config(root, 3, "wrong", init=f"checkpoint:{root / 'resume' / 'model.safetensors'}"),
+              log=lambda m: None)
+    assert not (root / "wrong" / "model.safetensors").exists()
+
+
+def test_bundle_carries_vae_and_audio_encoder(workdir, tmp_path):
+    from emo_core.cli import load_pipeline
+
+    root, _ = workdir
+    model_file = root / "stage1" / "model.safetensors"
+    if not model_file.is_file():
+        train(_config(root, 1, "stage1"), log=lambda m: None)
+    out = bundle(model_file, root / "vae", root / "encoder", tmp_path / "bundled.safetensors", dtype="fp16")
+    model, codec, encoder = load_pipeline(out)
+    original = load_model(model_file)
+    for key, value in original.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value.half().float())
+    sound = torch.from_numpy(speech(1.0, 1)[0])
+    want, _ = Wav2Vec2Features.from_files(root / "encoder")(sound)
+    got, _ = encoder(sound)
+    assert got.shape == want.shape and float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+    assert codec.scale == pytest.approx(model.cfg.latent_scale)
+    pixels = torch.rand(1, 3, SIZE, SIZE) * 2 - 1
+    assert codec.decode(codec.encode(pixels)).shape == (1, 3, SIZE, SIZE)
+    _, state_dict, _ = load_checkpoint(out)
+    assert not any(k.startswith(("vae.", "audio_encoder.")) for k in state_dict)
