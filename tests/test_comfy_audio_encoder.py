@@ -44,7 +44,8 @@ COMFY_SCRIPT = textwrap.dedent("""
 """)
 
 
-def comfy_root(tmp_path_factory):
+def comfy_root(tmp_path_factory, whole: bool = False):
+    """COMFYUI_PATH, or the snapshot extracted to a temporary folder (only comfy/ unless `whole`)."""
     if os.environ.get("COMFYUI_PATH"):
         return os.environ["COMFYUI_PATH"]
     tarballs = sorted((REPO.parent / "shared" / "comfyui").glob("ComfyUI-*.tar.gz"))
@@ -53,7 +54,7 @@ def comfy_root(tmp_path_factory):
         pytest.skip("no ComfyUI checkout or snapshot found; set COMFYUI_PATH")
     target = tmp_path_factory.mktemp("comfyui")
     with tarfile.open(tarballs[-1]) as t:
-        t.extractall(target, members=[m for m in t.getmembers() if m.name.startswith("ComfyUI/comfy/")],
+        t.extractall(target, members=[m for m in t.getmembers() if whole or m.name.startswith("ComfyUI/comfy/")],
                      filter="data")
     return target / "ComfyUI"
 
