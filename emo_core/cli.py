@@ -151,6 +151,8 @@ def run_generate(args) -> Path:
     model, vae, encoder = load_pipeline(args.checkpoint, args.vae, args.audio_encoder, dtype, device)
     size = args.size or model.cfg.size
     cfg = model.cfg
+    print(f"[emo] model {Path(args.checkpoint).name} ({cfg.name}), {size}x{size}, {args.steps or cfg.steps} steps, "
+          f"seed {args.seed}", file=sys.stderr)
     fps = cfg.fps if args.fps is None else args.fps
 
     sound, rate = read_audio(args.audio)  # decoded once: 16 kHz mono for the model, as it is for the video

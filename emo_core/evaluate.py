@@ -97,7 +97,7 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def evaluate(checkpoint, detector_weights, audio_files=(), seed: int = 0, identities: int = 3, seconds: float = 4.0,
              steps: int | None = None, speeds=(0.5, 1.5, 3.0), base_speed: float = 0.5, vae=None, audio_encoder=None,
-             log=print) -> dict:
+             speech_clips: int = 2, log=print) -> dict:
     from .audio import load_audio
     from .cli import load_pipeline
     from .face import YuNetDetector
@@ -110,8 +110,10 @@ def evaluate(checkpoint, detector_weights, audio_files=(), seed: int = 0, identi
     detector = YuNetDetector(detector_weights, confidence=0.3)
     base = HELD_OUT_SEED + 1000 * seed
     sounds = [(f"synthetic speech {base + 500 + k}", torch.from_numpy(speech(seconds, base + 500 + k)[0]))
-              for k in range(max(1, 2 - len(audio_files)))]
+              for k in range(speech_clips)]
     sounds += [(str(f), load_audio(f)) for f in audio_files]
+    if not sounds:
+        raise ValueError("no audio to evaluate with: give --audio files or --speech-clips 1 or more")
     portraits = []
     for i in range(identities):
         ident = Identity.sample(np.random.default_rng(base + i))
@@ -177,6 +179,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--identities", type=int, default=3)
     p.add_argument("--seconds", type=float, default=4.0, help="length of the synthetic held-out speech")
+    p.add_argument("--speech-clips", type=int, default=2, help="how many held-out synthetic speech clips")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--speeds", type=float, nargs="+", default=[0.5, 1.5, 3.0])
     p.add_argument("--vae", help="only for checkpoints without a bundled VAE")
@@ -187,7 +190,7 @@ def main(argv=None):
     try:
         result = evaluate(args.checkpoint, args.face_detector, args.audio, args.seed, args.identities, args.seconds,
                           args.steps, tuple(args.speeds), vae=args.vae, audio_encoder=args.audio_encoder,
-                          log=lambda m: print(m, file=sys.stderr))
+                          speech_clips=args.speech_clips, log=lambda m: print(m, file=sys.stderr))
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     print(json.dumps(result))

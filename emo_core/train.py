@@ -89,6 +89,10 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
         data.pop("comment", None)
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise ValueError(f"{path}: missing settings {missing} (see configs/train/ for complete examples)")
         cfg = cls(**data)
         if cfg.stage not in (1, 2, 3):
             raise ValueError(f"{path}: stage must be 1, 2 or 3, got {cfg.stage}")

@@ -99,7 +99,7 @@ def test_main_command_writes_a_video(tmp_path):
     run = subprocess.run([sys.executable, "-m", "emo_core", "generate", "--out", str(out), "--steps", "2"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "RANDOMLY INITIALISED" in run.stderr  # the interim main job says what it is
+    assert "emo-demo.safetensors" in run.stderr  # the bundled demo model, with its own VAE and audio encoder
     with av.open(str(out)) as c:
         video = c.streams.video[0]
         frames = sum(1 for _ in c.decode(video))
