@@ -14,7 +14,7 @@ EMO_AUDIO = io.Custom("EMO_AUDIO")
 EMO_REFERENCE = io.Custom("EMO_REFERENCE")
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: it keys the cache of its bundled audio encoder
 class EMOModel:
     patcher: Any  # comfy.model_patcher.ModelPatcher over an emo_core EMONet built from comfy.ops
     compute_dtype: Any  # torch dtype the activations use (may differ from the stored weights)

@@ -1,0 +1,63 @@
+"""The bundled demo model (emo_core/assets/emo-demo.safetensors), trained by scripts/train_demo.sh: it is small,
+self-contained, and it really talks. Quality is measured from the pixels of generated videos (eval-synthetic) on
+held-out synthetic identities and held-out speech."""
+
+import pytest
+
+from emo_core.checkpoint import load_companions, read_metadata
+from emo_core.cli import DEMO_CHECKPOINT, load_pipeline
+from emo_core.evaluate import evaluate
+
+from .conftest import face_fixture_dir
+
+
+def test_demo_model_is_small_and_self_contained():
+    assert DEMO_CHECKPOINT.stat().st_size < 20 * 2**20
+    assert read_metadata(DEMO_CHECKPOINT)["stage"] == "3"
+    assert set(load_companions(DEMO_CHECKPOINT)) == {"vae", "audio_encoder"}
+    model, codec, encoder = load_pipeline(DEMO_CHECKPOINT)
+    assert model.cfg.name == "demo" and model.cfg.speed is not None
+    assert encoder.layers == model.cfg.audio.layers
+
+
+@pytest.fixture(scope="module")
+def metrics():
+    # A short version of `python -m emo_core eval-synthetic` (2 held-out people, 1 held-out speech clip of 2 s,
+    # 10 DDIM steps) to keep the suite fast; the note of the issue has the full run's numbers.
+    return evaluate(DEMO_CHECKPOINT, face_fixture_dir() / "yunet_final.pth", seed=1, identities=2, seconds=2.0,
+                    steps=10, speeds=(0.5, 3.0), speech_clips=1, log=print)
+
+
+def test_demo_lipsync_is_clearly_above_the_shuffled_audio_baseline(metrics):
+    assert metrics["lipsync_corr"] > 0.3
+    assert metrics["lipsync_corr"] > metrics["lipsync_corr_shuffled"] + 0.2
+
+
+def test_demo_clip_boundaries_are_as_smooth_as_inside_clips(metrics):
+    assert 0.5 < metrics["boundary_ratio"] < 1.5
+
+
+def test_demo_keeps_the_identity(metrics):
+    assert metrics["identity"] > metrics["identity_other"] + 0.1
+
+
+def test_demo_speed_layers_change_the_video():
+    """The requested head speed reaches the pixels (the speed layers were trained in stage 3). Whether faster
+    requested speed gives measurably faster head motion is what eval-synthetic's speed_measured reports; the
+    demo model does not achieve it yet (see the issue note), so it is not asserted here."""
+    import torch
+
+    from emo_core.face import centred_face_mask
+    from emo_core.sampler import GenerationInputs, SamplerSettings, generate
+    from emo_core.synthetic import speech
+
+    model, codec, encoder = load_pipeline(DEMO_CHECKPOINT)
+    features, frames = encoder(torch.from_numpy(speech(1.0, 3)[0]), fps=25, clip_length=model.cfg.frames_per_clip)
+    portrait = torch.rand(1, 3, 64, 64) * 2 - 1
+    videos = {}
+    for speed in (0.5, 3.0):
+        inputs = GenerationInputs(reference_latent=codec.encode(portrait), audio_features=features,
+                                  face_mask=centred_face_mask(64, 64), speed=speed, num_frames=16)
+        videos[speed] = torch.cat([codec.decode(c.latents[0].transpose(0, 1))
+                                   for c in generate(model, inputs, SamplerSettings(seed=0, steps=6))])
+    assert float((videos[0.5] - videos[3.0]).abs().mean()) > 0.003
