@@ -34,17 +34,22 @@ def test_demo_lipsync_is_clearly_above_the_shuffled_audio_baseline(metrics):
 
 
 def test_demo_clip_boundaries_are_as_smooth_as_inside_clips(metrics):
-    assert 0.5 < metrics["boundary_ratio"] < 1.75  # measured 1.3-1.55 (see the issue note)
+    assert 0.5 < metrics["boundary_ratio"] < 1.6  # measured 1.34-1.39 here (see the issue note)
 
 
 def test_demo_keeps_the_identity(metrics):
     assert metrics["identity"] > metrics["identity_other"] + 0.1
 
 
+def test_demo_faster_requested_speed_gives_faster_measured_head_motion(metrics):
+    # The effect is small in the demo model (measured 1.57 vs 1.69 deg/frame, landmark jitter on 64-px frames is of
+    # the same order): the direction is asserted, the size is reported in the issue note.
+    speeds = metrics["speed_measured"]
+    assert speeds["3.0"] > speeds["0.5"]
+
+
 def test_demo_speed_layers_change_the_video():
-    """The requested head speed reaches the pixels (the speed layers were trained in stage 3). Whether faster
-    requested speed gives measurably faster head motion is what eval-synthetic's speed_measured reports; the
-    demo model does not achieve it yet (see the issue note), so it is not asserted here."""
+    """The requested head speed reaches the pixels (the speed layers were trained in stage 3)."""
     import torch
 
     from emo_core.face import centred_face_mask
