@@ -130,10 +130,10 @@ def evaluate(checkpoint, detector_weights, audio_files=(), seed: int = 0, identi
         portraits.append((torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255, face))
 
     def run(portrait, face, waveform, speed, run_seed):
-        from .face import box_mask, expand_box
+        from .face import face_box_mask
 
         features, length = encoder(waveform, fps=fps, clip_length=cfg.frames_per_clip)
-        mask = box_mask(expand_box(face.box, 1.2, size, size), size, size)
+        mask = face_box_mask([face], size, size, expand=1.2)
         inputs = GenerationInputs(reference_latent=codec.encode(portrait * 2 - 1), audio_features=features,
                                   face_mask=mask, speed=speed if cfg.speed else None, num_frames=length)
         settings = SamplerSettings(steps=steps, seed=run_seed)

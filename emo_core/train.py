@@ -37,7 +37,7 @@ from torch import nn
 from .checkpoint import DTYPES, CheckpointError, build_model, load_checkpoint, read_metadata, save_checkpoint
 from .config import EMOConfig, preset
 from .data import PreparedDataset
-from .face import box_mask, expand_box, union_box
+from .face import face_locator_masks
 from .models.unet import UNetConditions
 from .sampler import clip_windows, make_scheduler, with_margin
 
@@ -163,12 +163,12 @@ class ClipSamples(torch.utils.data.Dataset):
             start = int(rng.integers(total - motion - clip + 1))
             frames = list(range(start, start + motion + clip))
         clip_frames = frames[motion:]
-        box = union_box([expand_box(tuple(video["boxes"][f].tolist()), self.face_expand, size, size)
-                         for f in clip_frames])
+        boxes = [tuple(video["boxes"][f].tolist()) for f in clip_frames]
         item = {
             "reference": _pixels(video["frames"][reference]),
             "frames": _pixels(video["frames"][frames]),  # (M+F or 1, 3, H, W) in [-1, 1]
-            "mask": box_mask(box, size, size)[0],  # (1, H, W)
+            # the paper's face-locator mask: the union of the clip's expanded face boxes, (1, H, W)
+            "mask": face_locator_masks(boxes, size, size, len(boxes), self.face_expand)[0],
             "drop": torch.tensor(drop),
             "first": torch.tensor(self.stage > 1 and bool(rng.random() < self.first_clip_prob)),
         }
