@@ -17,6 +17,7 @@ import json
 import pickle
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -192,9 +193,17 @@ def _sidecar_config(path: Path) -> EMOConfig | None:
     return None
 
 
-def load_checkpoint(path, config: EMOConfig | None = None) -> tuple[EMOConfig, dict, str]:
-    """Read any supported checkpoint. Returns (config, state dict in our key names, what the file looks like),
-    on the CPU. The config comes from the file (ours), beside it, or the `hallo` preset; `config` overrides it."""
+@dataclass
+class Checkpoint:
+    config: EMOConfig
+    state_dict: dict  # the model's tensors in our key names, on the CPU
+    looks_like: str  # what the file looks like, for error messages
+    companions: dict  # {"vae"|"audio_encoder": (config dict, state dict)} bundled in one of our files, else {}
+
+
+def read_checkpoint(path, config: EMOConfig | None = None) -> Checkpoint:
+    """Read any supported checkpoint once: the model and whatever it carries. The config comes from the file
+    (ours), beside it, or the `hallo` preset; `config` overrides it."""
     path = Path(path)
     state_dict, metadata = read_state_dict(path)
     looks_like = describe(state_dict, metadata)
@@ -206,7 +215,7 @@ def load_checkpoint(path, config: EMOConfig | None = None) -> tuple[EMOConfig, d
                                   f"not written by this pack or is damaged") from e
         looks_like = f"an EMO checkpoint of config {own.name!r} ({'x'.join(map(str, own.unet.block_out_channels))})"
         model_keys = {k: v for k, v in state_dict.items() if not k.startswith(COMPANIONS)}
-        return config or own, model_keys, looks_like
+        return Checkpoint(config or own, model_keys, looks_like, _companions(state_dict, metadata))
     if looks_like == "a Hallo net.pth":
         if config is None:
             config = _sidecar_config(path)
@@ -217,8 +226,14 @@ def load_checkpoint(path, config: EMOConfig | None = None) -> tuple[EMOConfig, d
                 raise CheckpointError(f"{path.name} is a Hallo checkpoint of {width} (not SD1.5); its config is "
                                       f"needed beside it as {path.with_suffix('.emo.json').name}")
             config = preset("hallo")
-        return config, hallo_to_emo(state_dict), looks_like
+        return Checkpoint(config, hallo_to_emo(state_dict), looks_like, {})
     raise CheckpointError(f"{path.name} is not an EMO or Hallo checkpoint: it looks like {looks_like}.")
+
+
+def load_checkpoint(path, config: EMOConfig | None = None) -> tuple[EMOConfig, dict, str]:
+    """(config, state dict in our key names, what the file looks like) of any supported checkpoint."""
+    checkpoint = read_checkpoint(path, config)
+    return checkpoint.config, checkpoint.state_dict, checkpoint.looks_like
 
 
 def build_model(config: EMOConfig, state_dict: dict | None = None, source: str = "checkpoint",
@@ -259,7 +274,10 @@ def load_companions(path) -> dict:
     metadata = read_metadata(path)
     if metadata.get("format") != FORMAT_TAG or not any(f"{p[:-1]}_config" in metadata for p in COMPANIONS):
         return {}
-    state_dict, _ = read_state_dict(path)
+    return _companions(read_state_dict(path)[0], metadata)
+
+
+def _companions(state_dict: dict, metadata: dict) -> dict:
     found = {}
     for prefix in COMPANIONS:
         name = prefix[:-1]

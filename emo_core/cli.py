@@ -46,6 +46,9 @@ def generate_parser(sub):
     p.add_argument("--face-detector", help="YuNet weights (yunet_final.pth) for the face box, a face-centred crop "
                                            "of any portrait size and the paste-back; without it the portrait is "
                                            "centre-cropped and the face assumed in its middle")
+    p.add_argument("--face-recognition", help="ArcFace ONNX model for checkpoints that condition on the face identity "
+                                              "(Hallo: glintr100.onnx from its pretrained_models/face_analysis/"
+                                              "models); needs --face-detector and onnxruntime")
     p.add_argument("--face-mask", help="an image of the portrait's size, white where the face is; always wins over "
                                        "detection, and frames the crop")
     p.add_argument("--face-expand", type=float, default=1.2, help="face box expansion for the face-locator mask")
@@ -110,18 +113,37 @@ def frame_portrait(original: torch.Tensor, size: int, args):
     return crop, crop_image(original, crop), mask, face
 
 
+def portrait_identity(args, portrait: torch.Tensor, face):
+    """Hallo's face identity (ArcFace embedding) of the square portrait the model animates, as Hallo computes it
+    on its 512x512 input; `face`: the face already found in it (None: detect it)."""
+    from .face import YuNetDetector
+    from .face_identity import ArcFace, embed_face, face_identity
+
+    if not args.face_recognition or not args.face_detector:
+        raise ValueError(f"{Path(args.checkpoint).name} conditions on the face identity (Hallo's ArcFace input): "
+                         f"pass --face-recognition FILE.onnx (glintr100.onnx from Hallo's pretrained_models/"
+                         f"face_analysis/models) and --face-detector yunet_final.pth")
+    arcface = ArcFace(args.face_recognition)
+    if face is not None:
+        return embed_face(portrait, face, arcface)
+    return face_identity(portrait, YuNetDetector(args.face_detector), arcface, zeros_if_no_face=args.whole_image_fallback,
+                         what=Path(args.image).name)
+
+
 def load_pipeline(checkpoint, vae=None, audio_encoder=None, dtype=torch.float32, device="cpu"):
     """(model, VAE codec, audio encoder) of a checkpoint; the VAE and wav2vec2 bundled inside it unless given."""
     from .audio import Wav2Vec2Features
-    from .checkpoint import load_companions, load_model
+    from .checkpoint import build_model, read_checkpoint
     from .vae import DiffusersVAE
 
     if not Path(checkpoint).is_file():
         hint = " (the bundled demo model is missing: check out the repository again)" if Path(
             checkpoint) == DEMO_CHECKPOINT else ""
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}{hint}")
-    model = load_model(checkpoint, dtype=dtype, device=device).eval()
-    bundled = load_companions(checkpoint)
+    loaded = read_checkpoint(checkpoint)
+    model = build_model(loaded.config, loaded.state_dict, Path(checkpoint).name, loaded.looks_like, dtype=dtype,
+                        device=device).eval()
+    bundled = loaded.companions
     scale = model.cfg.latent_scale
     if vae:
         codec = DiffusersVAE.from_files(vae, dtype=dtype, device=device, scale=scale)
@@ -161,9 +183,13 @@ def run_generate(args) -> Path:
     original = load_image(args.image)
     crop, portrait, mask, face = frame_portrait(original, size, args)
     image = (portrait * 2 - 1).to(device=device, dtype=dtype)
+    identity = portrait_identity(args, portrait, face) if cfg.identity_tokens else None
+    if face is None and identity is not None:
+        face = identity.face
     regions = hallo_region_masks(face, size, size) if face is not None and cfg.audio.module == "hallo" else None
     inputs = GenerationInputs(reference_latent=encode_reference(vae, image), audio_features=features,
                               face_mask=mask.expand(-1, cfg.face_locator.in_channels, -1, -1), region_masks=regions,
+                              identity_embedding=None if identity is None else identity.embedding,
                               speed=args.speed if cfg.speed else None, num_frames=audio_length)
     settings = SamplerSettings(steps=args.steps, guidance_scale=args.cfg, seed=args.seed, scheduler=args.scheduler)
 

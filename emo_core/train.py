@@ -592,13 +592,21 @@ def bundle(checkpoint, vae_folder, audio_encoder, out, dtype: str = "fp16") -> P
     model = build_model(config, state_dict, Path(checkpoint).name, looks_like)
     vae = AutoencoderKL.from_pretrained(vae_folder, local_files_only=True)
     encoder = Wav2Vec2Features.from_files(audio_encoder).model
-    extra = {f"vae.{k}": v for k, v in vae.state_dict().items()}
-    extra.update({f"audio_encoder.{k}": v for k, v in encoder.state_dict().items()})
-    vae_config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
-    metadata = {"vae_config": json.dumps(vae_config), "audio_encoder_config": encoder.config.to_json_string(),
-                **{k: v for k, v in read_metadata(checkpoint).items() if k in ("stage", "step")}}
+    metadata = {k: v for k, v in read_metadata(checkpoint).items() if k in ("stage", "step")}
+    return save_bundle(model, out, vae, encoder, metadata, DTYPES[dtype])
+
+
+def save_bundle(model, out, vae=None, audio_encoder=None, metadata: dict | None = None, dtype=None) -> Path:
+    """Save `model` in our format with a diffusers AutoencoderKL and / or a transformers Wav2Vec2Model inside."""
+    extra, metadata = {}, dict(metadata or {})
+    if vae is not None:
+        extra.update({f"vae.{k}": v for k, v in vae.state_dict().items()})
+        metadata["vae_config"] = json.dumps({k: v for k, v in dict(vae.config).items() if not k.startswith("_")})
+    if audio_encoder is not None:
+        extra.update({f"audio_encoder.{k}": v for k, v in audio_encoder.state_dict().items()})
+        metadata["audio_encoder_config"] = audio_encoder.config.to_json_string()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model, out, metadata=metadata, extra=extra, dtype=DTYPES[dtype])
+    save_checkpoint(model, out, metadata=metadata, extra=extra, dtype=dtype)
     return Path(out)
 
 

@@ -9,7 +9,7 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
-from .types import EMO_AUDIO, EMO_MODEL, EMO_REFERENCE, EMOAudio, EMOModel, EMOReference
+from .types import EMO_AUDIO, EMO_FACE_IDENTITY, EMO_MODEL, EMO_REFERENCE, EMOAudio, EMOModel, EMOReference
 
 CATEGORY = "EMO"
 SCHEDULERS = ["ddim", "dpmpp", "unipc"]
@@ -127,6 +127,49 @@ class EMOFaceMask(io.ComfyNode):
         return io.NodeOutput(face_masks(path, image, expand, face_index, whole_image_if_no_face, confidence))
 
 
+class EMOFaceIdentity(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EMOFaceIdentity", display_name="EMO Face Identity (ArcFace)", category=CATEGORY,
+            description="The face-identity embedding Hallo-style checkpoints condition on, computed as Hallo does: "
+                        "the face aligned to ArcFace's template and embedded by an InsightFace recognition model "
+                        "(Hallo's glintr100.onnx). Runs on the CPU with onnxruntime (pip install onnxruntime onnx).",
+            inputs=[
+                io.Image.Input("image", tooltip="The portrait (the first image of a batch is used); the same picture "
+                                                "as EMO ReferenceNet's, at any resolution."),
+                io.Combo.Input("detector", options=folder_paths.get_filename_list("face_detection"),
+                               tooltip="YuNet weights (yunet_final.pth) in models/face_detection: the face's five "
+                                       "landmarks for the alignment."),
+                io.Combo.Input("recognition_model", options=folder_paths.get_filename_list("insightface"),
+                               tooltip="An InsightFace recognition model (.onnx) in models/insightface: glintr100.onnx "
+                                       "from Hallo's pretrained_models/face_analysis/models for Hallo."),
+                io.Int.Input("face_index", default=0, min=0, max=31,
+                             tooltip="Which face when there are several: 0 = the largest (as Hallo)."),
+                io.Boolean.Input("zeros_if_no_face", default=False,
+                                 tooltip="Without a face: Hallo's fallback, a zero embedding (likeness then rests on "
+                                         "ReferenceNet alone), instead of stopping with an error."),
+                io.Float.Input("confidence", default=0.6, min=0.05, max=0.99, step=0.05,
+                               tooltip="Detection threshold: lower it (e.g. 0.3) for drawn or stylised faces."),
+            ],
+            outputs=[EMO_FACE_IDENTITY.Output(display_name="face_identity")],
+        )
+
+    @classmethod
+    def execute(cls, image, detector, recognition_model, face_index, zeros_if_no_face, confidence) -> io.NodeOutput:
+        from .runtime import face_identity
+
+        paths = {}
+        for folder, name, what in (("face_detection", detector, "YuNet's yunet_final.pth"),
+                                   ("insightface", recognition_model, "Hallo's glintr100.onnx")):
+            paths[folder] = folder_paths.get_full_path(folder, name)
+            if paths[folder] is None:
+                raise FileNotFoundError(f"{name!r} not found in models/{folder} "
+                                        f"({folder_paths.get_folder_paths(folder)}): put {what} there")
+        return io.NodeOutput(face_identity(paths["face_detection"], paths["insightface"], image, face_index,
+                                           zeros_if_no_face, confidence))
+
+
 class EMOReferenceNet(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -177,16 +220,20 @@ class EMOSampler(io.ComfyNode):
                 io.Mask.Input("face_mask", optional=True,
                               tooltip="Face region (EMO Face Mask): one mask, or one per frame. Empty: a centred "
                                       "box, for portraits framed around the face."),
+                EMO_FACE_IDENTITY.Input("face_identity", optional=True,
+                                        tooltip="Hallo-style checkpoints (required there): the portrait's face "
+                                                "identity from EMO Face Identity; its landmarks also place "
+                                                "Hallo's face and lip audio regions. EMO models do not use it."),
             ],
             outputs=[io.Latent.Output(display_name="latent")],
         )
 
     @classmethod
     def execute(cls, emo_model: EMOModel, reference: EMOReference, emo_audio: EMOAudio, seed, steps, cfg, scheduler,
-                frames_per_clip, motion_frames, speed, face_mask=None) -> io.NodeOutput:
+                frames_per_clip, motion_frames, speed, face_mask=None, face_identity=None) -> io.NodeOutput:
         from .runtime import sample
 
-        latents = sample(emo_model, reference, emo_audio, face_mask, seed=seed, steps=steps, cfg=cfg,
+        latents = sample(emo_model, reference, emo_audio, face_mask, face_identity, seed=seed, steps=steps, cfg=cfg,
                          scheduler=scheduler, frames_per_clip=frames_per_clip or None,
                          motion_frames=None if motion_frames < 0 else motion_frames, speed=speed)
         return io.NodeOutput({"samples": latents})

@@ -15,8 +15,8 @@ import comfy.utils
 import torch
 
 from ..emo_core.audio import Wav2Vec2Features, to_mono
-from ..emo_core.checkpoint import DTYPES, build_model, load_checkpoint, load_companions
-from ..emo_core.face import YuNetDetector, centred_face_mask, face_box_mask
+from ..emo_core.checkpoint import DTYPES, build_model, read_checkpoint
+from ..emo_core.face import YuNetDetector, centred_face_mask, face_box_mask, hallo_region_masks
 from ..emo_core.sampler import EMOInputError, GenerationInputs, SamplerSettings, generate
 from ..emo_core.sampler import encode_reference as encode_reference_latent
 from ..emo_core.vae import ldm_config
@@ -30,8 +30,8 @@ log = logging.getLogger("EMO")
 
 def load_emo_model(path: str, precision: str):
     """(EMO_MODEL, core VAE or None): the VAE is the one bundled in the checkpoint, if it carries one."""
-    config, state_dict, looks_like = load_checkpoint(path)
-    bundled = load_companions(path)
+    checkpoint = read_checkpoint(path)
+    config, state_dict, bundled = checkpoint.config, checkpoint.state_dict, checkpoint.companions
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     params = sum(v.numel() for v in state_dict.values())
     if precision == "auto":
@@ -40,7 +40,7 @@ def load_emo_model(path: str, precision: str):
         weight_dtype = DTYPES[precision]
     compute_dtype = mm.unet_manual_cast(weight_dtype, load_device) or weight_dtype
     operations = comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device=load_device)
-    model = build_model(config, state_dict, source=os.path.basename(path), looks_like=looks_like,
+    model = build_model(config, state_dict, source=os.path.basename(path), looks_like=checkpoint.looks_like,
                         dtype=weight_dtype, device=offload_device, operations=operations).eval()
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     log.info("EMO: loaded %s (%s, %.0f M parameters, weights %s, compute %s%s)", path, config.name, params / 1e6,
@@ -133,6 +133,21 @@ def face_masks(detector_path: str, image: torch.Tensor, expand: float, face_inde
     return torch.cat(masks)[:, 0]
 
 
+# ---- EMO Face Identity ---------------------------------------------------------------------------------------
+
+def face_identity(detector_path: str, model_path: str, image: torch.Tensor, face_index: int, zeros_if_no_face: bool,
+                  confidence: float):
+    """IMAGE (B, H, W, C) -> emo_core FaceIdentity of the first image (CPU: onnxruntime, no GPU memory)."""
+    from ..emo_core.face_identity import ArcFace
+    from ..emo_core.face_identity import face_identity as identity_of
+
+    detector = YuNetDetector(detector_path, confidence=confidence)
+    identity = identity_of(image[:1].permute(0, 3, 1, 2), detector, ArcFace(model_path), face_index, zeros_if_no_face)
+    log.info("EMO: face identity from %s: %s", os.path.basename(model_path),
+             "no face, zero embedding" if identity.face is None else f"face at {tuple(round(v) for v in identity.face.box)}")
+    return identity
+
+
 # ---- EMO ReferenceNet -----------------------------------------------------------------------------------------
 
 class ComfyVAECodec:
@@ -163,8 +178,8 @@ def encode_reference(emo_model: EMOModel, image: torch.Tensor, vae) -> EMORefere
 
 # ---- EMO Audio-Driven Sampler ---------------------------------------------------------------------------------
 
-def sample(emo_model: EMOModel, reference: EMOReference, emo_audio: EMOAudio, face_mask, *, seed, steps, cfg,
-           scheduler, frames_per_clip, motion_frames, speed) -> torch.Tensor:
+def sample(emo_model: EMOModel, reference: EMOReference, emo_audio: EMOAudio, face_mask, face_identity, *, seed, steps,
+           cfg, scheduler, frames_per_clip, motion_frames, speed) -> torch.Tensor:
     """Returns LATENT samples (frames, 4, h, w), unscaled as core VAE Decode expects."""
     config = emo_model.config
     if face_mask is None:  # as the command line: a portrait framed around the face
@@ -174,11 +189,19 @@ def sample(emo_model: EMOModel, reference: EMOReference, emo_audio: EMOAudio, fa
             raise EMOInputError(f"face mask is {face_mask.shape[-1]}x{face_mask.shape[-2]}, the portrait "
                                 f"{reference.width}x{reference.height}: make the mask from the same image")
         mask = face_mask.reshape(-1, 1, *face_mask.shape[-2:]).float()
+    embedding, regions = None, None
     if config.identity_tokens:
-        log.warning("EMO: %s expects a face-identity embedding (Hallo's ArcFace input), which this pack does not "
-                    "compute yet: the unconditional (zero) identity is used, so likeness relies on ReferenceNet only",
-                    emo_model.name)
+        if face_identity is None:
+            raise EMOInputError(f"{os.path.basename(emo_model.name)} conditions on the face identity (Hallo's ArcFace "
+                                f"input): connect EMO Face Identity (with glintr100.onnx from Hallo's face_analysis "
+                                f"models in models/insightface) to the sampler's face_identity")
+        embedding = face_identity.embedding
+        face = face_identity.face_at(reference.height, reference.width)
+        if face is not None and config.audio.module == "hallo":
+            regions = hallo_region_masks(face, reference.height, reference.width,
+                                         levels=len(config.unet.block_out_channels))
     inputs = GenerationInputs(reference_latent=reference.latent, audio_features=emo_audio.features, face_mask=mask,
+                              identity_embedding=embedding, region_masks=regions,
                               speed=speed if config.speed else None, num_frames=emo_audio.frames)
     settings = SamplerSettings(steps=steps, guidance_scale=cfg, seed=seed, scheduler=scheduler,
                                frames_per_clip=frames_per_clip, motion_frames=motion_frames)

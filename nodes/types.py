@@ -12,6 +12,7 @@ from comfy_api.latest import io
 EMO_MODEL = io.Custom("EMO_MODEL")
 EMO_AUDIO = io.Custom("EMO_AUDIO")
 EMO_REFERENCE = io.Custom("EMO_REFERENCE")
+EMO_FACE_IDENTITY = io.Custom("EMO_FACE_IDENTITY")  # emo_core.face_identity.FaceIdentity: embedding + its face
 
 
 @dataclass(eq=False)  # compared and hashed by identity: it keys the cache of its bundled audio encoder

@@ -23,8 +23,8 @@ from .comfy_models import make_models
 from .conftest import REPO
 
 WORKFLOWS = REPO / "workflows"
-EMO_NODES = {"EMOLoader", "EMOSampleInputs", "EMOEncodeAudio", "EMOFaceMask", "EMOReferenceNet", "EMOSampler",
-             "EMOVideoCombine"}
+EMO_NODES = {"EMOLoader", "EMOSampleInputs", "EMOEncodeAudio", "EMOFaceMask", "EMOFaceIdentity", "EMOReferenceNet",
+             "EMOSampler", "EMOVideoCombine"}
 
 
 def find_comfyui() -> Path | None:

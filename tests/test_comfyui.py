@@ -93,6 +93,20 @@ def test_separate_vae_and_audio_encoder_loaders(server):
     assert info["frames"] == 50 and (info["width"], info["height"]) == (128, 128)
 
 
+def test_hallo_checkpoint_takes_the_face_identity(server):
+    """A Hallo-style checkpoint (the parity fixture's net) conditions on the ArcFace identity from EMO Face Identity
+    (a stand-in .onnx in models/insightface); without it the sampler says what to connect."""
+    info = probe(output_video(server, server.run(workflow("hallo_face_identity.json"))))
+    assert info["frames"] == 25 and (info["width"], info["height"]) == (128, 128) and info["audio"] == ["aac"]
+    assert "EMO: face identity from tiny-arcface.onnx: face at" in server.log.read_text()
+    prompt = workflow("hallo_face_identity.json")
+    del prompt["9"]["inputs"]["face_identity"]
+    result = server.run(prompt)
+    assert result["status"]["status_str"] == "error"
+    assert "connect EMO Face Identity" in json.dumps(result["status"]["messages"])
+    assert server.get("/system_stats")
+
+
 def test_bad_input_is_a_clear_error_and_the_server_keeps_running(server):
     prompt = workflow("portrait_speech_to_video.json", {("9", "frames_per_clip"): 1, ("9", "motion_frames"): 4})
     result = server.run(prompt)
