@@ -80,6 +80,24 @@ def frame_count(num_samples: int, fps: float, sample_rate: int = SAMPLE_RATE) ->
     return math.ceil(num_samples / sample_rate * fps)
 
 
+SILENCE_PEAK = 1e-4  # -80 dBFS: below this everywhere, a clip holds no sound to animate from
+
+
+def check_speech(waveform: torch.Tensor, fps: float, sample_rate: int = SAMPLE_RATE) -> None:
+    """Refuse audio a talking head cannot be made from: silence, or less than two video frames of sound.
+    waveform: mono samples at `sample_rate`."""
+    from .sampler import EMOInputError
+
+    frames = frame_count(waveform.numel(), fps, sample_rate)
+    if frames < 2:
+        raise EMOInputError(f"the audio is {waveform.numel() / sample_rate * 1000:.0f} ms long: that is {frames} "
+                            f"video frame(s) at {fps:g} fps; connect at least {2 / fps:.2f} s of speech or singing")
+    peak = float(waveform.abs().max())
+    if peak < SILENCE_PEAK:
+        raise EMOInputError(f"the audio is silent (peak {20 * math.log10(max(peak, 1e-12)):.0f} dBFS): EMO animates "
+                            f"the face from the sound; connect speech or singing (or check the input's volume)")
+
+
 class Wav2Vec2Features:
     """wav2vec2 weights + Hallo's way of turning a waveform into per-video-frame features."""
 

@@ -122,7 +122,8 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(), "wall_s": round(wall, 3), "s_per_frame": round(wall / produced, 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_cuda_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
-        "reference_calls": stats.reference_calls, "backbone_calls": stats.backbone_calls,
+        "reference_calls": stats.reference_calls, "reference_images": stats.reference_images,
+        "backbone_calls": stats.backbone_calls,
         "load_s": round(load_s, 3),
     }
     print(json.dumps(result))

@@ -164,7 +164,7 @@ def load_pipeline(checkpoint, vae=None, audio_encoder=None, dtype=torch.float32,
 
 
 def run_generate(args) -> Path:
-    from .audio import read_audio, to_mono
+    from .audio import check_speech, read_audio, to_mono
     from .face import hallo_region_masks, paste_back
     from .sampler import GenerationInputs, SamplerSettings, encode_reference, generate
     from .video import VideoWriter
@@ -179,6 +179,7 @@ def run_generate(args) -> Path:
 
     sound, rate = read_audio(args.audio)  # decoded once: 16 kHz mono for the model, as it is for the video
     waveform = to_mono(sound, rate)
+    check_speech(waveform, fps)
     features, audio_length = encoder(waveform.to(encoder.model.device), fps=fps, clip_length=cfg.frames_per_clip)
     original = load_image(args.image)
     crop, portrait, mask, face = frame_portrait(original, size, args)

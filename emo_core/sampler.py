@@ -2,8 +2,10 @@
 
 For each clip of F frames:
 
-1. ReferenceNet runs once on [reference image, the M motion frames] (the previous clip's last frames; for the
-   first clip zeros (EMO) or the reference repeated (Hallo)) and its features are reused by every step.
+1. ReferenceNet features of [reference image, the M motion frames] (the previous clip's last frames; for the
+   first clip zeros (EMO) or the reference repeated (Hallo)) are reused by every step. The portrait's own
+   features are computed once per video (or given, computed by the ComfyUI ReferenceNet node); per clip only the
+   motion frames run through ReferenceNet.
 2. The clip's audio windows become audio tokens; the face mask becomes face-locator features; the head speed
    becomes speed tokens.
 3. A diffusers scheduler (DDIM by default) denoises the clip; the conditional and unconditional CFG rows run as
@@ -75,6 +77,7 @@ class GenerationInputs:
     region_masks: dict | None = None  # Hallo: {"full"|"face"|"lip": [per UNet level (L_level,)]}
     motion_scale: tuple = (1.0, 1.0, 1.0)  # Hallo: weights of the full / face / lip audio branches
     num_frames: int | None = None  # frames to keep (default S)
+    reference_features: list | None = None  # portrait_features() of the reference (models without identity tokens)
 
 
 @dataclass
@@ -97,7 +100,8 @@ class Clip:
 
 @dataclass
 class SamplerStats:
-    reference_calls: int = 0
+    reference_calls: int = 0  # ReferenceNet forward passes
+    reference_images: int = 0  # images they processed in all
     backbone_calls: int = 0
 
 
@@ -142,6 +146,7 @@ def generate(model, inputs: GenerationInputs, settings: SamplerSettings = Sample
     reference_latent = inputs.reference_latent.to(device=device, dtype=dtype)
     region_masks = _region_masks(inputs.region_masks, rows * frames, device, dtype)
     use_reference = torch.tensor([("reference" not in drop) or r == rows - 1 for r in range(rows)], device=device)
+    portrait = _portrait_bank(model, inputs, reference_latent, identity, groups, stats, device, dtype)
 
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     motion_latents = None  # (M, 4, h, w) of the previous clip
@@ -154,7 +159,7 @@ def generate(model, inputs: GenerationInputs, settings: SamplerSettings = Sample
             if inputs.face_mask is not None and (face is None or inputs.face_mask.shape[0] > 1):
                 face = _cfg_rows(_face_features(model, inputs.face_mask, start, frames, dtype, device),
                                  "face_locator" in drop, rows)
-            bank = _reference_bank(model, reference_latent, motion_latents, motion, identity, groups, rows, stats)
+            bank = _reference_bank(model, portrait, motion_latents, motion, identity, groups, rows, stats)
             cond = UNetConditions(
                 context=identity, bank=bank, use_reference=use_reference, audio=audio_tokens.flatten(0, 1),
                 region_masks=region_masks, motion_scale=tuple(float(s) for s in inputs.motion_scale),
@@ -330,31 +335,60 @@ def _region_masks(masks, rows_frames: int, device, dtype):
             for k in ("full", "face", "lip")}
 
 
-def _reference_bank(model, reference_latent, motion_latents, motion: int, identity, groups: int, rows: int,
-                    stats: SamplerStats) -> list:
-    """ReferenceNet on [reference, motion frames] per context group -> per block (rows, 1+M, L, C)."""
-    cfg = model.cfg
-    zeros_first = motion_latents is None and cfg.first_clip_motion == "zeros"
-    if motion_latents is None:
-        images = reference_latent.expand(1 if zeros_first else 1 + motion, -1, -1, -1)
-    else:
-        images = torch.cat([reference_latent, motion_latents])
-    per_group = images.shape[0]
-    latents = images.repeat(groups, 1, 1, 1)  # rows: [ref, m1.. (group 0)], [ref, m1.. (group 1)]
-    context = None
-    if identity is not None:
-        if groups == 2 and cfg.reference_context_tiling:
-            context = identity.repeat(per_group, 1, 1)  # Hallo quirk: image row i gets context i mod 2
-        else:
-            context = identity[:groups].repeat_interleave(per_group, dim=0)
+def portrait_features(model, reference_latent: torch.Tensor, context: torch.Tensor | None = None,
+                      stats: SamplerStats | None = None) -> list:
+    """ReferenceNet's features of the portrait: reference_latent (1, 4, h, w) -> per block (1, L, C); `context`
+    (1, T, D): the identity tokens it attends to (Hallo), None for EMO."""
     with torch.no_grad():
-        bank = model.reference_features(latents, context)
-    stats.reference_calls += 1
+        bank = model.reference_features(reference_latent, context)
+    if stats is not None:
+        stats.reference_calls += 1
+        stats.reference_images += reference_latent.shape[0]
+    return bank
+
+
+def _portrait_bank(model, inputs: GenerationInputs, reference_latent, identity, groups: int, stats: SamplerStats,
+                   device, dtype) -> list:
+    """The portrait's features per identity context: [context][block] (1, L, C). Given ones are used when the
+    model has no identity tokens (they were computed without a context)."""
+    given = inputs.reference_features
+    if given is not None and identity is None:
+        return [[f.to(device=device, dtype=dtype) for f in given]]
+    if identity is None:
+        return [portrait_features(model, reference_latent, None, stats)]
+    bank = portrait_features(model, reference_latent.expand(groups, -1, -1, -1), identity[:groups], stats)
+    return [[f[g:g + 1] for f in bank] for g in range(groups)]
+
+
+def _reference_bank(model, portrait: list, motion_latents, motion: int, identity, groups: int, rows: int,
+                    stats: SamplerStats) -> list:
+    """The clip's ReferenceNet features of [reference, M motion frames] per context group: per block
+    (rows, 1+M, L, C). Only the motion frames run through ReferenceNet; the portrait's come from `portrait`."""
+    cfg = model.cfg
+    per_group = 1 + motion
+    tiling = groups == 2 and cfg.reference_context_tiling
+
+    def context(g: int, p: int) -> int:  # identity context of position p of group g
+        return (g * per_group + p) % 2 if tiling else g  # Hallo quirk: image row i of the batch gets context i mod 2
+
+    if not motion:
+        moving = [[] for _ in range(groups)]
+    elif motion_latents is None and cfg.first_clip_motion == "zeros":
+        moving = [[torch.zeros_like(f).expand(motion, -1, -1) for f in portrait[0]] for _ in range(groups)]
+    elif motion_latents is None:  # Hallo: the first clip's motion frames are the reference itself
+        moving = [[torch.cat([portrait[context(g, p)][b] for p in range(1, per_group)]) for b in
+                   range(len(portrait[0]))] for g in range(groups)]
+    else:
+        latents = motion_latents.repeat(groups, 1, 1, 1)  # (G·M, 4, h, w): group 0's frames, then group 1's
+        contexts = None
+        if identity is not None:
+            contexts = torch.stack([identity[context(g, p)] for g in range(groups) for p in range(1, per_group)])
+        bank = portrait_features(model, latents, contexts, stats)
+        moving = [[f[g * motion:(g + 1) * motion] for f in bank] for g in range(groups)]
     out = []
-    for feature in bank:
-        feature = feature.unflatten(0, (groups, per_group))  # (G, 1+M', L, C)
-        if zeros_first and motion:
-            feature = torch.cat([feature, feature.new_zeros(groups, motion, *feature.shape[2:])], dim=1)
+    for b in range(len(portrait[0])):
+        feature = torch.stack([torch.cat([portrait[context(g, 0)][b]] + ([moving[g][b]] if motion else []))
+                               for g in range(groups)])  # (G, 1+M, L, C)
         out.append(feature.expand(rows, -1, -1, -1) if groups == 1 else feature)
     return out
 

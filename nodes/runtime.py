@@ -14,10 +14,10 @@ import comfy.sd
 import comfy.utils
 import torch
 
-from ..emo_core.audio import Wav2Vec2Features, to_mono
+from ..emo_core.audio import Wav2Vec2Features, check_speech, to_mono
 from ..emo_core.checkpoint import DTYPES, build_model, read_checkpoint
 from ..emo_core.face import YuNetDetector, centred_face_mask, face_box_mask, hallo_region_masks
-from ..emo_core.sampler import EMOInputError, GenerationInputs, SamplerSettings, generate
+from ..emo_core.sampler import EMOInputError, GenerationInputs, SamplerSettings, generate, portrait_features
 from ..emo_core.sampler import encode_reference as encode_reference_latent
 from ..emo_core.vae import ldm_config
 from ..emo_core.video import VideoWriter
@@ -102,15 +102,14 @@ def encode_audio(emo_model: EMOModel, audio_encoder, audio: dict, fps: float):
     waveform, rate = audio["waveform"], audio["sample_rate"]
     if waveform.ndim != 3 or waveform.shape[-1] == 0:
         raise EMOInputError(f"the audio is empty (shape {tuple(waveform.shape)}): connect a clip with sound")
+    mono = to_mono(waveform[0], rate)
+    check_speech(mono, fps)
     extractor, patcher = _feature_extractor(audio_encoder, emo_model)
     if extractor.layers != cfg.audio.layers:
         raise EMOInputError(f"this audio encoder has {extractor.layers} layers, the EMO model expects features of "
                             f"{cfg.audio.layers} (e.g. wav2vec2-base-960h for Hallo): load the encoder the "
                             f"checkpoint was trained with")
     mm.load_models_gpu([patcher], force_full_load=True)  # plain torch layers: all on one device
-    mono = to_mono(waveform[0], rate)
-    if mono.numel() < 400:
-        raise EMOInputError("the audio is shorter than 25 ms: connect a longer clip")
     pbar = comfy.utils.ProgressBar(1)
     features, frames = extractor(mono.to(patcher.load_device), fps=fps, clip_length=cfg.frames_per_clip,
                                  progress=lambda done, total: pbar.update_absolute(done, total))
@@ -173,7 +172,15 @@ def encode_reference(emo_model: EMOModel, image: torch.Tensor, vae) -> EMORefere
     codec = ComfyVAECodec(vae, emo_model.config.latent_scale)
     pixels = image[:1, :, :, :3].permute(0, 3, 1, 2) * 2 - 1
     latent = encode_reference_latent(codec, pixels)
-    return EMOReference(latent, codec, image.shape[1], image.shape[2])
+    reference = EMOReference(latent, codec, image.shape[1], image.shape[2])
+    if not emo_model.config.identity_tokens:  # computed once here, reused by every clip of every sampler run
+        patcher = emo_model.patcher
+        mm.load_models_gpu([patcher])
+        features = portrait_features(patcher.model, latent.to(device=patcher.load_device,
+                                                              dtype=emo_model.compute_dtype))
+        reference.features = [f.to(mm.intermediate_device()) for f in features]
+        reference.model = patcher.model
+    return reference
 
 
 # ---- EMO Audio-Driven Sampler ---------------------------------------------------------------------------------
@@ -202,7 +209,9 @@ def sample(emo_model: EMOModel, reference: EMOReference, emo_audio: EMOAudio, fa
                                          levels=len(config.unet.block_out_channels))
     inputs = GenerationInputs(reference_latent=reference.latent, audio_features=emo_audio.features, face_mask=mask,
                               identity_embedding=embedding, region_masks=regions,
-                              speed=speed if config.speed else None, num_frames=emo_audio.frames)
+                              speed=speed if config.speed else None, num_frames=emo_audio.frames,
+                              reference_features=reference.features if reference.model is emo_model.patcher.model
+                              else None)
     settings = SamplerSettings(steps=steps, guidance_scale=cfg, seed=seed, scheduler=scheduler,
                                frames_per_clip=frames_per_clip, motion_frames=motion_frames)
     patcher = emo_model.patcher

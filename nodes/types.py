@@ -40,3 +40,6 @@ class EMOReference:
     codec: Any  # the core VAE as a LatentCodec (motion frames through pixels, Hallo)
     height: int
     width: int
+    features: Any = None  # ReferenceNet's features of the portrait, per block (1, L, C) on the CPU; None for models
+    #                       whose ReferenceNet attends to the face identity (Hallo): the sampler computes them then
+    model: Any = None  # the EMONet that computed `features`

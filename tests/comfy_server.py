@@ -122,4 +122,9 @@ def start_server(base: Path) -> "Server":
     Image.open(REPO / "emo_core" / "assets" / "portrait.png").save(inputs / "portrait_256.png")
     write_speech(inputs / "speech.wav", 1.0)
     write_speech(inputs / "speech_long.wav", 2.0)
+    with wave.open(str(inputs / "silence.wav"), "wb") as silence:
+        silence.setnchannels(1)
+        silence.setsampwidth(2)
+        silence.setframerate(16000)
+        silence.writeframes(bytes(2 * 16000))
     return Server(base)

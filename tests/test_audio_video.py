@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from emo_core.audio import Wav2Vec2Features, frame_count, load_audio
+from emo_core.audio import Wav2Vec2Features, check_speech, frame_count, load_audio
 from emo_core.video import VideoWriter
 
 from .conftest import REPO
@@ -191,6 +191,15 @@ def test_audio_inputs_of_every_kind(encoder, tmp_path, case):
     features, length = encoder(waveform, 25, clip_length=16)
     assert length == frame_count(waveform.shape[0], 25)
     assert features.shape[0] % 16 == 0 and features.shape[0] >= length and torch.isfinite(features).all()
+
+
+def test_silent_or_one_frame_audio_is_refused_with_a_reason():
+    check_speech(speechlike(0.1), 25)  # 3 frames of sound: fine
+    check_speech(torch.cat([torch.zeros(32000), speechlike(0.1)]), 25)  # quiet start, then speech: fine
+    with pytest.raises(ValueError, match="the audio is silent"):
+        check_speech(torch.zeros(32000), 25)
+    with pytest.raises(ValueError, match="1 video frame"):
+        check_speech(speechlike(0.03), 25)
 
 
 def test_ten_minute_file(encoder, tmp_path):

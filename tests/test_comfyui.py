@@ -114,6 +114,9 @@ def test_bad_input_is_a_clear_error_and_the_server_keeps_running(server):
     messages = json.dumps(result["status"]["messages"])
     assert "motion frames (4) cannot exceed frames per clip (1)" in messages
     assert server.get("/system_stats")  # still serving
+    result = server.run(workflow("separate_loaders.json", {("2", "audio"): "silence.wav"}))
+    assert result["status"]["status_str"] == "error"
+    assert "the audio is silent" in json.dumps(result["status"]["messages"])
     result = server.run(workflow("portrait_speech_to_video.json", {("3", "checkpoint"): "missing.safetensors"}))
     assert result["status"]["status_str"] in ("rejected", "error")
     assert "missing.safetensors" in json.dumps(result["status"]["messages"])

@@ -38,9 +38,10 @@ def inputs_for(model, frames=8, seed=1, **overrides):
     return GenerationInputs(**base)
 
 
-def run(model, inputs, codec=None, **settings):
+def run(model, inputs, codec=None, stats=None, **settings):
     settings = {"steps": 2, "seed": 0, **settings}
-    return torch.cat([c.latents for c in generate(model, inputs, SamplerSettings(**settings), codec=codec)], dim=2)
+    clips = generate(model, inputs, SamplerSettings(**settings), codec=codec, stats=stats)
+    return torch.cat([c.latents for c in clips], dim=2)
 
 
 class PixelCodec:
@@ -157,7 +158,25 @@ def test_clip_by_clip_any_length(emo):
     assert [c.index for c in clips] == [0, 1, 2, 3]
     assert sum(c.latents.shape[2] for c in clips) == frames
     assert stats.reference_calls == 4 and stats.backbone_calls == 8  # ReferenceNet once per clip, not per step
+    # ... on the portrait once, then on each later clip's motion frames only (rows: CFG groups of contexts)
+    assert stats.reference_images == 1 + 3 * cfg.motion_frames * (2 if cfg.identity_tokens else 1)
     assert steps[-1] == (8, 8, 3, 4) and len(steps) == 8
+
+
+def test_given_portrait_features_are_used_as_they_are(emo):
+    """The ComfyUI ReferenceNet node computes the portrait's features once; the sampler then runs ReferenceNet on
+    motion frames only, and the video is the one it would have computed itself."""
+    from emo_core.sampler import portrait_features
+
+    inputs = inputs_for(emo, frames=emo.cfg.frames_per_clip * 2)
+    assert not emo.cfg.identity_tokens  # (those compute the portrait's features with the identity)
+    expected = run(emo, inputs, seed=3)
+    inputs.reference_features = portrait_features(emo, inputs.reference_latent)
+    stats = SamplerStats()
+    torch.testing.assert_close(run(emo, inputs, seed=3, stats=stats), expected, atol=1e-5, rtol=0)
+    assert stats.reference_images == emo.cfg.motion_frames  # the second clip's motion frames only
+    inputs.reference_features = [f * 0 for f in inputs.reference_features]
+    assert (run(emo, inputs, seed=3) - expected).abs().max() > 1e-3  # and they are what the video is made from
 
 
 def test_cfg_rows_run_as_one_batched_forward(emo):
@@ -290,6 +309,6 @@ def test_benchmark_prints_one_json_line(capsys):
     assert len(lines) == 1
     result = json.loads(lines[0])
     for key in ("frames", "clips", "steps", "wall_s", "s_per_frame", "peak_rss_mb", "peak_cuda_mb",
-                "reference_calls", "load_s"):
+                "reference_calls", "reference_images", "load_s"):
         assert key in result, key
     assert result["frames"] == 2 * preset("tiny").frames_per_clip and result["reference_calls"] == 2
