@@ -10,12 +10,21 @@ from emo_core.face_identity import ARCFACE_TEMPLATE, ArcFace, align_face, face_i
 from emo_core.sampler import EMOInputError
 
 from .comfy_models import write_tiny_arcface
-from .test_face import FACE_DIR, photo  # noqa: F401  (fixture)
+from .conftest import face_fixture_dir
+
+FACE_DIR = face_fixture_dir()
 
 
 @pytest.fixture(scope="module")
 def detector():
     return YuNetDetector(FACE_DIR / "yunet_final.pth")
+
+
+@pytest.fixture(scope="module")
+def photo():
+    from emo_core.cli import load_image
+
+    return load_image(FACE_DIR / "astronaut.png")  # (1, 3, 512, 512) in [0, 1]
 
 
 def test_similarity_transform_recovers_a_known_one():
@@ -27,7 +36,7 @@ def test_similarity_transform_recovers_a_known_one():
     assert torch.allclose(matrix[:, :2], scale * rot, atol=1e-9) and torch.allclose(matrix[:, 2], shift, atol=1e-9)
 
 
-def test_alignment_puts_the_face_on_arcfaces_template(detector, photo):  # noqa: F811
+def test_alignment_puts_the_face_on_arcfaces_template(detector, photo):
     face = detector.detect(photo)[0][0]
     aligned, _ = align_face(photo, face.landmarks)
     assert aligned.shape == (1, 3, 112, 112)
@@ -37,7 +46,7 @@ def test_alignment_puts_the_face_on_arcfaces_template(detector, photo):  # noqa:
 
 
 @pytest.mark.parametrize("builtin", [False, True])
-def test_embedding_is_the_networks_output_on_the_aligned_face(tmp_path, detector, photo, builtin):  # noqa: F811
+def test_embedding_is_the_networks_output_on_the_aligned_face(tmp_path, detector, photo, builtin):
     """InsightFace's normalisation: (x - 127.5) / 127.5 on RGB 0..255, or raw 0..255 when the graph starts with
     its own Sub and Mul nodes. Both stand-ins compute the same function, so both give the same embedding."""
     weight = write_tiny_arcface(tmp_path / "arcface.onnx", builtin_normalisation=builtin)
@@ -51,7 +60,7 @@ def test_embedding_is_the_networks_output_on_the_aligned_face(tmp_path, detector
     assert (identity.height, identity.width) == (512, 512)
 
 
-def test_another_face_gives_another_embedding(tmp_path, detector, photo):  # noqa: F811
+def test_another_face_gives_another_embedding(tmp_path, detector, photo):
     write_tiny_arcface(tmp_path / "arcface.onnx")
     arcface = ArcFace(tmp_path / "arcface.onnx")
     a = face_identity(photo, detector, arcface).embedding
@@ -71,7 +80,7 @@ def test_no_face_is_an_error_or_hallos_zero_embedding(tmp_path, detector):
     assert identity.face is None and identity.embedding.shape == (512,) and not identity.embedding.any()
 
 
-def test_face_follows_the_portrait_to_another_resolution(tmp_path, detector, photo):  # noqa: F811
+def test_face_follows_the_portrait_to_another_resolution(tmp_path, detector, photo):
     write_tiny_arcface(tmp_path / "arcface.onnx")
     identity = face_identity(photo, detector, ArcFace(tmp_path / "arcface.onnx"))
     half = identity.face_at(256, 256)
