@@ -93,14 +93,27 @@ def test_separate_vae_and_audio_encoder_loaders(server):
     assert info["frames"] == 50 and (info["width"], info["height"]) == (128, 128)
 
 
-def test_hallo_checkpoint_takes_the_face_identity(server):
-    """A Hallo-style checkpoint (the parity fixture's net) conditions on the ArcFace identity from EMO Face Identity
-    (a stand-in .onnx in models/insightface); without it the sampler says what to connect."""
-    info = probe(output_video(server, server.run(workflow("hallo_face_identity.json"))))
+def hallo_template() -> dict:
+    """The Hallo template as shipped, its files swapped for the test's stand-ins (the tiny Hallo, i.e. the parity
+    fixture's net, carries its own small wav2vec2, so Load Audio Encoder is disconnected; a stand-in ArcFace .onnx
+    in models/insightface), the portrait at 128 px, 1 step."""
+    prompt = workflow("hallo_portrait_to_video.json", {
+        ("3", "checkpoint"): "tiny-hallo.safetensors", ("4", "vae_name"): "random-sd-vae.safetensors",
+        ("6", "recognition_model"): "tiny-arcface.onnx", ("6", "confidence"): 0.3, ("7", "confidence"): 0.3,
+        ("12", "width"): 128, ("12", "height"): 128, ("10", "steps"): 1})
+    del prompt["9"]["inputs"]["audio_encoder"], prompt["5"]
+    return prompt
+
+
+def test_hallo_template_takes_the_face_identity(server):
+    """A Hallo-style checkpoint conditions on the ArcFace identity from EMO Face Identity; without it the sampler
+    says what to connect."""
+    info = probe(output_video(server, server.run(hallo_template())))
     assert info["frames"] == 25 and (info["width"], info["height"]) == (128, 128) and info["audio"] == ["aac"]
+    assert abs(info["duration"] - 1.0) < 0.1
     assert "EMO: face identity from tiny-arcface.onnx: face at" in server.log.read_text()
-    prompt = workflow("hallo_face_identity.json")
-    del prompt["9"]["inputs"]["face_identity"]
+    prompt = hallo_template()
+    del prompt["10"]["inputs"]["face_identity"]
     result = server.run(prompt)
     assert result["status"]["status_str"] == "error"
     assert "connect EMO Face Identity" in json.dumps(result["status"]["messages"])
