@@ -4,6 +4,7 @@ bad input. Skipped with one loud line when no ComfyUI is found (see comfy_server
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -64,6 +65,8 @@ def test_every_node_registers_without_import_error(server):
     log = server.log.read_text()
     startup = log.split("Starting server")[0]
     assert "IMPORT FAILED" not in log and "comfyui-emo" in log
+    timing = re.search(r"([0-9.]+) seconds: \S*comfyui-emo\s*$", log, re.MULTILINE)
+    assert timing and float(timing.group(1)) < 1.0  # importing the pack is cheap: heavy imports wait for execute
     assert "Traceback" not in startup
     assert not [line for line in startup.splitlines() if "emo" in line.lower() and "warn" in line.lower()]
 
