@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the bundled demo model (emo_core/assets/emo-demo.safetensors) from nothing with the project's own
 # commands, on CPU: synthetic talking faces -> data preparation -> small VAE -> stages 1, 2, 3 -> one bundled file.
-# About 45 minutes on 2 cores. Work files go to out/demo-train/ (ignored by git).
+# About 40 minutes on 2 cores (latents cached: every frame goes through the VAE encoder once). Work files go to out/demo-train/ (ignored by git).
 #   bash scripts/train_demo.sh [YUNET_WEIGHTS]     (default: ../shared/fixtures/face/yunet_final.pth)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

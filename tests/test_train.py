@@ -137,6 +137,32 @@ def test_three_stages_train_what_the_paper_trains(workdir):
     assert set(start) == set(stage1)
 
 
+def test_cached_latents_are_the_encoded_frames(workdir):
+    """cache_latents: every frame encoded once and kept; the training run sees the latents it would have encoded."""
+    from diffusers import AutoencoderKL
+
+    from emo_core.data import PreparedDataset
+    from emo_core.train import LatentCache, _pixels, encode_latents
+
+    root, _ = workdir
+    data = PreparedDataset(root / "prepared")
+    vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True).eval()
+    cache = LatentCache(vae, data, 0.5)
+    ids = torch.tensor([[3, 0, 7], [1, 1, 2]])
+    got = cache(torch.tensor([0, 1]), ids)
+    for row, v in enumerate((0, 1)):
+        expected = encode_latents(vae, _pixels(data.video(v)["frames"][ids[row]]), 0.5)
+        torch.testing.assert_close(got[row], expected, atol=1e-4, rtol=0)  # batch composition: float rounding
+    assert set(cache.latents) == {0, 1} and cache.latents[0].shape[0] == data.video(0)["frames"].shape[0]
+
+    losses = {}
+    for cached in (False, True):
+        out = f"cache-{cached}"
+        train(_config(root, 1, out, steps=2, cache_latents=cached, save_every=10), log=lambda *_: None)
+        losses[cached] = [float(line.split(",")[1]) for line in (root / out / "log.csv").read_text().splitlines()[1:]]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 def test_resume_continues_and_mismatches_are_refused(workdir):
     root, _ = workdir
     cfg = _config(root, 1, "resume", steps=2)
