@@ -142,8 +142,8 @@ def face_identity(detector_path: str, model_path: str, image: torch.Tensor, face
 
     detector = YuNetDetector(detector_path, confidence=confidence)
     identity = identity_of(image[:1].permute(0, 3, 1, 2), detector, ArcFace(model_path), face_index, zeros_if_no_face)
-    log.info("EMO: face identity from %s: %s", os.path.basename(model_path),
-             "no face, zero embedding" if identity.face is None else f"face at {tuple(round(v) for v in identity.face.box)}")
+    where = "no face, zero embedding" if identity.face is None else f"face at {tuple(map(round, identity.face.box))}"
+    log.info("EMO: face identity from %s: %s", os.path.basename(model_path), where)
     return identity
 
 

@@ -46,7 +46,8 @@ def make_models(root: Path) -> Path:
     save_checkpoint(randomize_(EMONet(tiny_emo_config()), 0), root / "emo" / "tiny-emo.safetensors")
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    save_file({k: v.half().contiguous() for k, v in vae.state_dict().items()}, root / "vae" / "random-sd-vae.safetensors")
+    save_file({k: v.half().contiguous() for k, v in vae.state_dict().items()},
+              root / "vae" / "random-sd-vae.safetensors")
     encoder = Wav2Vec2Model(Wav2Vec2Config())  # wav2vec2-base layout, random weights
     save_file({k: v.half().contiguous() for k, v in encoder.state_dict().items()},
               root / "audio_encoders" / "random-wav2vec2-base.safetensors")

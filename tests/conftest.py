@@ -23,6 +23,22 @@ def hallo_fixture() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def detector():
+    """YuNet with the real weights of the face fixture."""
+    from emo_core.face import YuNetDetector
+
+    return YuNetDetector(face_fixture_dir() / "yunet_final.pth")
+
+
+@pytest.fixture(scope="session")
+def photo() -> torch.Tensor:
+    """The face fixture's real portrait photo, (1, 3, 512, 512) in [0, 1]."""
+    from emo_core.cli import load_image
+
+    return load_image(face_fixture_dir() / "astronaut.png")
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)

@@ -1,31 +1,14 @@
 """Face detection (real YuNet weights, real photo), face-locator masks, head pose, crop and paste-back."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from kornia.geometry.transform import rotate
-from PIL import Image
 
-from emo_core.face import (NoFaceError, YuNetDetector, as_rgb, crop_image, face_crop, face_locator_masks, head_pose,
+from emo_core.face import (NoFaceError, as_rgb, crop_image, face_crop, face_locator_masks, head_pose,
                            hallo_region_masks, paste_back, pick_face, portrait_face_mask, rotation_speed,
                            track_faces)
 from emo_core.sampler import EMOInputError
-
-from .conftest import face_fixture_dir
-
-FACE_DIR = face_fixture_dir()
-
-
-@pytest.fixture(scope="module")
-def detector():
-    return YuNetDetector(FACE_DIR / "yunet_final.pth")
-
-
-@pytest.fixture(scope="module")
-def photo():
-    pixels = np.array(Image.open(FACE_DIR / "astronaut.png").convert("RGB"), dtype=np.float32) / 255
-    return torch.from_numpy(pixels).permute(2, 0, 1)[None]  # (1, 3, 512, 512)
 
 
 def near(box, expected, tol):

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emo_core.face import YuNetDetector
 from emo_core.face_identity import ARCFACE_TEMPLATE, ArcFace, align_face, face_identity, similarity_transform
 from emo_core.sampler import EMOInputError
 
@@ -13,18 +12,6 @@ from .comfy_models import write_tiny_arcface
 from .conftest import face_fixture_dir
 
 FACE_DIR = face_fixture_dir()
-
-
-@pytest.fixture(scope="module")
-def detector():
-    return YuNetDetector(FACE_DIR / "yunet_final.pth")
-
-
-@pytest.fixture(scope="module")
-def photo():
-    from emo_core.cli import load_image
-
-    return load_image(FACE_DIR / "astronaut.png")  # (1, 3, 512, 512) in [0, 1]
 
 
 def test_similarity_transform_recovers_a_known_one():
