@@ -34,7 +34,7 @@ def test_demo_lipsync_is_clearly_above_the_shuffled_audio_baseline(metrics):
 
 
 def test_demo_clip_boundaries_are_as_smooth_as_inside_clips(metrics):
-    assert 0.5 < metrics["boundary_ratio"] < 1.6  # measured 1.34-1.39 here (see the issue note)
+    assert 0.5 < metrics["boundary_ratio"] < 1.6  # measured 1.33 here (see the issue note)
 
 
 def test_demo_keeps_the_identity(metrics):
@@ -42,8 +42,9 @@ def test_demo_keeps_the_identity(metrics):
 
 
 def test_demo_faster_requested_speed_gives_faster_measured_head_motion(metrics):
-    # The effect is small in the demo model (measured 1.57 vs 1.69 deg/frame, landmark jitter on 64-px frames is of
-    # the same order): the direction is asserted, the size is reported in the issue note.
+    # Measured 1.68 vs 1.76 deg/frame here; with another draw (seed 2) the order flips (1.92 vs 1.87): the demo
+    # model's speed control is within the noise of this measurement (see the issue note), so only the direction on
+    # this draw is asserted.
     speeds = metrics["speed_measured"]
     assert speeds["3.0"] > speeds["0.5"]
 
@@ -67,5 +68,5 @@ def test_demo_speed_layers_change_the_video():
                                   face_mask=centred_face_mask(64, 64), speed=speed, num_frames=16)
         videos[speed] = torch.cat([codec.decode(c.latents[0].transpose(0, 1))
                                    for c in generate(model, inputs, SamplerSettings(seed=0, steps=6))])
-    change = (videos[0.5] - videos[3.0]).abs()  # measured: mean 0.0018, max 0.022 (a small effect, see the note)
+    change = (videos[0.5] - videos[3.0]).abs()  # measured: mean 0.0018, max 0.027 (a small effect, see the note)
     assert float(change.mean()) > 0.001 and float(change.max()) > 0.01
