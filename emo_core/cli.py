@@ -126,8 +126,8 @@ def portrait_identity(args, portrait: torch.Tensor, face):
     arcface = ArcFace(args.face_recognition)
     if face is not None:
         return embed_face(portrait, face, arcface)
-    return face_identity(portrait, YuNetDetector(args.face_detector), arcface, zeros_if_no_face=args.whole_image_fallback,
-                         what=Path(args.image).name)
+    return face_identity(portrait, YuNetDetector(args.face_detector), arcface,
+                         zeros_if_no_face=args.whole_image_fallback, what=Path(args.image).name)
 
 
 def load_pipeline(checkpoint, vae=None, audio_encoder=None, dtype=torch.float32, device="cpu"):

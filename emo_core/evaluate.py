@@ -163,7 +163,8 @@ def evaluate(checkpoint, detector_weights, audio_files=(), seed: int = 0, identi
             measured[str(speed)] = round(float(np.nanmean(values)), 3)
             log(f"[eval] requested speed {speed}: measured {measured[str(speed)]} deg/frame")
     return {
-        "checkpoint": str(checkpoint), "seed": seed, "identities": identities, "first_identity": base, "audio": [n for n, _ in sounds],
+        "checkpoint": str(checkpoint), "seed": seed, "identities": identities, "first_identity": base,
+        "audio": [n for n, _ in sounds],
         "steps": steps or cfg.steps, "size": size,
         "lipsync_corr": round(float(np.mean(lips)), 4),
         "lipsync_corr_shuffled": round(float(np.mean(lips_shuffled)), 4),

@@ -77,7 +77,7 @@ class GenerationInputs:
     region_masks: dict | None = None  # Hallo: {"full"|"face"|"lip": [per UNet level (L_level,)]}
     motion_scale: tuple = (1.0, 1.0, 1.0)  # Hallo: weights of the full / face / lip audio branches
     num_frames: int | None = None  # frames to keep (default S)
-    reference_features: list | None = None  # portrait_features() of the reference (models without identity tokens)
+    reference_features: list | None = None  # run_reference_net() of the portrait (models without identity tokens)
 
 
 @dataclass
@@ -335,15 +335,15 @@ def _region_masks(masks, rows_frames: int, device, dtype):
             for k in ("full", "face", "lip")}
 
 
-def portrait_features(model, reference_latent: torch.Tensor, context: torch.Tensor | None = None,
+def run_reference_net(model, latents: torch.Tensor, context: torch.Tensor | None = None,
                       stats: SamplerStats | None = None) -> list:
-    """ReferenceNet's features of the portrait: reference_latent (1, 4, h, w) -> per block (1, L, C); `context`
-    (1, T, D): the identity tokens it attends to (Hallo), None for EMO."""
+    """ReferenceNet's features of images (the portrait, or motion frames): latents (R, 4, h, w) -> per block
+    (R, L, C); `context` (R, T, D): the identity tokens each attends to (Hallo), None for EMO."""
     with torch.no_grad():
-        bank = model.reference_features(reference_latent, context)
+        bank = model.reference_features(latents, context)
     if stats is not None:
         stats.reference_calls += 1
-        stats.reference_images += reference_latent.shape[0]
+        stats.reference_images += latents.shape[0]
     return bank
 
 
@@ -355,8 +355,8 @@ def _portrait_bank(model, inputs: GenerationInputs, reference_latent, identity, 
     if given is not None and identity is None:
         return [[f.to(device=device, dtype=dtype) for f in given]]
     if identity is None:
-        return [portrait_features(model, reference_latent, None, stats)]
-    bank = portrait_features(model, reference_latent.expand(groups, -1, -1, -1), identity[:groups], stats)
+        return [run_reference_net(model, reference_latent, None, stats)]
+    bank = run_reference_net(model, reference_latent.expand(groups, -1, -1, -1), identity[:groups], stats)
     return [[f[g:g + 1] for f in bank] for g in range(groups)]
 
 
@@ -372,7 +372,7 @@ def _reference_bank(model, portrait: list, motion_latents, motion: int, identity
         return (g * per_group + p) % 2 if tiling else g  # Hallo quirk: image row i of the batch gets context i mod 2
 
     if not motion:
-        moving = [[] for _ in range(groups)]
+        moving = [[f[:0] for f in portrait[0]] for _ in range(groups)]  # no motion frames: (0, L, C) per block
     elif motion_latents is None and cfg.first_clip_motion == "zeros":
         moving = [[torch.zeros_like(f).expand(motion, -1, -1) for f in portrait[0]] for _ in range(groups)]
     elif motion_latents is None:  # Hallo: the first clip's motion frames are the reference itself
@@ -383,11 +383,11 @@ def _reference_bank(model, portrait: list, motion_latents, motion: int, identity
         contexts = None
         if identity is not None:
             contexts = torch.stack([identity[context(g, p)] for g in range(groups) for p in range(1, per_group)])
-        bank = portrait_features(model, latents, contexts, stats)
+        bank = run_reference_net(model, latents, contexts, stats)
         moving = [[f[g * motion:(g + 1) * motion] for f in bank] for g in range(groups)]
     out = []
     for b in range(len(portrait[0])):
-        feature = torch.stack([torch.cat([portrait[context(g, 0)][b]] + ([moving[g][b]] if motion else []))
+        feature = torch.stack([torch.cat([portrait[context(g, 0)][b], moving[g][b]])
                                for g in range(groups)])  # (G, 1+M, L, C)
         out.append(feature.expand(rows, -1, -1, -1) if groups == 1 else feature)
     return out

@@ -71,7 +71,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     uncond_prob: float = 0.1  # drop what the config's unconditional CFG row drops (audio, reference)
     first_clip_prob: float = 0.1  # stage 2/3: zero motion frames, as for the first clip
-    cache_latents: bool = False  # keep every frame's VAE latent in memory once encoded (small datasets: see LatentCache)
+    cache_latents: bool = False  # keep each frame's VAE latent in memory once encoded (small datasets: LatentCache)
     face_expand: float = 1.2
     trainable: list | None = None  # override: parameter-name parts to train (default: STAGE_TRAINABLE)
     latent_scale: float | str | None = None  # stage 1: a number, "vae" (the VAE's scaling_factor) or the model's

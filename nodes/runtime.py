@@ -17,7 +17,7 @@ import torch
 from ..emo_core.audio import Wav2Vec2Features, check_speech, to_mono
 from ..emo_core.checkpoint import DTYPES, build_model, read_checkpoint
 from ..emo_core.face import YuNetDetector, centred_face_mask, face_box_mask, hallo_region_masks
-from ..emo_core.sampler import EMOInputError, GenerationInputs, SamplerSettings, generate, portrait_features
+from ..emo_core.sampler import EMOInputError, GenerationInputs, SamplerSettings, generate, run_reference_net
 from ..emo_core.sampler import encode_reference as encode_reference_latent
 from ..emo_core.vae import ldm_config
 from ..emo_core.video import VideoWriter
@@ -176,8 +176,8 @@ def encode_reference(emo_model: EMOModel, image: torch.Tensor, vae) -> EMORefere
     if not emo_model.config.identity_tokens:  # computed once here, reused by every clip of every sampler run
         patcher = emo_model.patcher
         mm.load_models_gpu([patcher])
-        features = portrait_features(patcher.model, latent.to(device=patcher.load_device,
-                                                              dtype=emo_model.compute_dtype))
+        latent_on_device = latent.to(device=patcher.load_device, dtype=emo_model.compute_dtype)
+        features = run_reference_net(patcher.model, latent_on_device)
         reference.features = [f.to(mm.intermediate_device()) for f in features]
         reference.model = patcher.model
     return reference

@@ -166,12 +166,12 @@ def test_clip_by_clip_any_length(emo):
 def test_given_portrait_features_are_used_as_they_are(emo):
     """The ComfyUI ReferenceNet node computes the portrait's features once; the sampler then runs ReferenceNet on
     motion frames only, and the video is the one it would have computed itself."""
-    from emo_core.sampler import portrait_features
+    from emo_core.sampler import run_reference_net
 
     inputs = inputs_for(emo, frames=emo.cfg.frames_per_clip * 2)
     assert not emo.cfg.identity_tokens  # (those compute the portrait's features with the identity)
     expected = run(emo, inputs, seed=3)
-    inputs.reference_features = portrait_features(emo, inputs.reference_latent)
+    inputs.reference_features = run_reference_net(emo, inputs.reference_latent)
     stats = SamplerStats()
     torch.testing.assert_close(run(emo, inputs, seed=3, stats=stats), expected, atol=1e-5, rtol=0)
     assert stats.reference_images == emo.cfg.motion_frames  # the second clip's motion frames only
