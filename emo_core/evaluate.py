@@ -11,6 +11,10 @@ Prints one JSON line:
 * identity: similarity (centred cosine, 16x16 colour thumbnails) of the generated frames to the reference portrait,
   next to identity_other: the same against another identity's portrait;
 * boundary_ratio: mean frame-to-frame change across clip boundaries / inside clips (1 = seamless);
+* flicker: mean frame-to-frame change inside the face box of the generated videos (pixels in [0, 1]), next to
+  flicker_real: the same for a real clip of each held-out person (the synthetic renderer, same length and requested
+  speed, other speech) after a round trip through the model's VAE, the smoothest video its decoder gives. Generated
+  faces that change more than real ones flicker (temporal inconsistency), which also hides head motion;
 * speed_measured: requested head speed -> head rotation speed measured with YuNet landmarks in the generated frames
   (degrees per frame, the training data's measurement; poses averaged over 9 frames instead of 5 because landmarks
   jitter more on small frames).
@@ -72,6 +76,13 @@ def similarity(frames: torch.Tensor, reference: torch.Tensor) -> float:
     return float(F.cosine_similarity(thumbnail(frames), thumbnail(reference)).mean())
 
 
+def face_change(frames: torch.Tensor, box: tuple) -> float:
+    """Mean absolute frame-to-frame change inside the face box, frames (S, 3, H, W) in [0, 1]."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    face = frames[:, :, max(0, y0):max(y1, y0 + 1), max(0, x0):max(x1, x0 + 1)]
+    return float((face[1:] - face[:-1]).abs().mean())
+
+
 def boundary_ratio(frames: torch.Tensor, clip: int) -> float:
     change = (frames[1:] - frames[:-1]).abs().flatten(1).mean(1)  # change[t]: frame t -> t+1
     at_boundary = torch.tensor([(t + 1) % clip == 0 for t in range(change.shape[0])])
@@ -103,7 +114,7 @@ def evaluate(checkpoint, detector_weights, audio_files=(), seed: int = 0, identi
     from .cli import load_pipeline
     from .face import Crop, YuNetDetector
     from .sampler import GenerationInputs, SamplerSettings, generate
-    from .synthetic import Identity, render, speech
+    from .synthetic import Identity, make_clip, render, speech
 
     model, codec, encoder = load_pipeline(checkpoint, vae, audio_encoder)
     cfg = model.cfg
@@ -115,7 +126,7 @@ def evaluate(checkpoint, detector_weights, audio_files=(), seed: int = 0, identi
     sounds += [(str(f), load_audio(f)) for f in audio_files]
     if not sounds:
         raise ValueError("no audio to evaluate with: give --audio files or --speech-clips 1 or more")
-    portraits, candidate = [], base
+    portraits, seeds, candidate = [], [], base
     while len(portraits) < identities:  # held-out people whose face YuNet finds (a few drawn faces it misses)
         if candidate - base >= 10 * identities:
             raise RuntimeError(f"YuNet finds too few faces among held-out identities {base}..{candidate}")
@@ -128,6 +139,7 @@ def evaluate(checkpoint, detector_weights, audio_files=(), seed: int = 0, identi
         image = large.resize((size, size))  # as prepared: 128 px -> the model's size
         face = Crop(64.0, 64.0, 128.0, size, 128, 128).map_face(faces[0])
         portraits.append((torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255, face))
+        seeds.append(candidate - 1)
 
     def run(portrait, face, waveform, speed, run_seed):
         from .face import face_box_mask
@@ -141,7 +153,7 @@ def evaluate(checkpoint, detector_weights, audio_files=(), seed: int = 0, identi
         return torch.cat(clips)
 
     started = time.perf_counter()
-    lips, lips_shuffled, ident, ident_other, boundaries = [], [], [], [], []
+    lips, lips_shuffled, ident, ident_other, boundaries, flicker, flicker_real = [], [], [], [], [], [], []
     for i, (portrait, face) in enumerate(portraits):
         box = mouth_box(face, size)
         for j, (name, waveform) in enumerate(sounds):
@@ -153,9 +165,15 @@ def evaluate(checkpoint, detector_weights, audio_files=(), seed: int = 0, identi
             ident.append(similarity(frames, portrait))
             ident_other.append(similarity(frames, portraits[(i + 1) % len(portraits)][0]))
             boundaries.append(boundary_ratio(frames, cfg.frames_per_clip))
+            flicker.append(face_change(frames, face.box))
             log(f"[eval] identity {i + 1}/{len(portraits)}, {name}: lipsync {lips[-1]:.3f} (shuffled "
                 f"{lips_shuffled[-1]:.3f}), identity {ident[-1]:.3f}, boundary {boundaries[-1]:.2f}  "
                 f"({time.perf_counter() - started:.0f}s)")
+        # the same person really filmed (rendered at 128 px, prepared to the model's size as the training data is)
+        real = torch.from_numpy(make_clip(seeds[i], seconds, fps, 128, base_speed)[0]).permute(0, 3, 1, 2)
+        real = F.interpolate(real.float() / 255, size=(size, size), mode="area")
+        real = torch.cat([codec.decode(codec.encode(c * 2 - 1)).float() for c in real.split(16)])
+        flicker_real.append(face_change(real, face.box))
     measured = {}
     if cfg.speed is not None:
         for speed in speeds:
@@ -170,6 +188,7 @@ def evaluate(checkpoint, detector_weights, audio_files=(), seed: int = 0, identi
         "lipsync_corr_shuffled": round(float(np.mean(lips_shuffled)), 4),
         "identity": round(float(np.mean(ident)), 4), "identity_other": round(float(np.mean(ident_other)), 4),
         "boundary_ratio": round(float(np.nanmean(boundaries)), 4),
+        "flicker": round(float(np.mean(flicker)), 4), "flicker_real": round(float(np.mean(flicker_real)), 4),
         "speed_measured": measured,
         "seconds": round(time.perf_counter() - started, 1),
     }

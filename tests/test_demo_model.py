@@ -37,6 +37,13 @@ def test_demo_clip_boundaries_are_as_smooth_as_inside_clips(metrics):
     assert 0.5 < metrics["boundary_ratio"] < 1.6  # measured 1.33 here (see the issue note)
 
 
+def test_demo_faces_flicker_at_most_a_few_times_as_much_as_real_video(metrics):
+    # Frame-to-frame change in the face box: 0.0258 generated vs 0.0117 for a real clip of the same people through
+    # the VAE (measured here, see the issue note). The gap is the demo's main weakness (it hides head motion); this
+    # guards it from growing (e.g. temporal modules that stop being used would leave every frame on its own).
+    assert metrics["flicker_real"] > 0 and metrics["flicker"] < 3 * metrics["flicker_real"]
+
+
 def test_demo_keeps_the_identity(metrics):
     assert metrics["identity"] > metrics["identity_other"] + 0.1
 
@@ -47,6 +54,18 @@ def test_demo_faster_requested_speed_gives_faster_measured_head_motion(metrics):
     # this draw is asserted.
     speeds = metrics["speed_measured"]
     assert speeds["3.0"] > speeds["0.5"]
+
+
+def test_face_change_is_measured_inside_the_face_box_only():
+    import torch
+
+    from emo_core.evaluate import face_change
+
+    frames = torch.zeros(4, 3, 32, 32)
+    frames[1::2, :, :, :8] = 1  # flicker outside the box
+    assert face_change(frames, (10, 10, 20, 20)) == 0
+    frames[1::2, :, 12:14, 12:14] = 1  # 4 of the 100 box pixels change at every frame
+    assert abs(face_change(frames, (10, 10, 20, 20)) - 0.04) < 1e-6
 
 
 def test_demo_speed_layers_change_the_video():
