@@ -123,6 +123,10 @@ class EMOConfig:
     cfg_uncond: tuple = ("audio", "reference")
     guidance_scale: float = 3.5
     steps: int = 40
+    # Share of the noise variance common to all frames of a clip, in training and sampling (PYoCo's mixed noise,
+    # Ge et al. 2023): 0 = independent noise per frame (the paper). Frames that share noise need not be made
+    # consistent by the temporal modules alone (see sampler.frame_noise).
+    noise_correlation: float = 0.0
     scheduler: dict = field(default_factory=lambda: dict(HALLO_SCHEDULER))
     fps: int = 25
     size: int = 512  # square image side in pixels the model was trained at (the default generation size)
@@ -181,6 +185,8 @@ class EMOConfig:
         bad = set(self.cfg_uncond) - {"identity", "audio", "face_locator", "reference"}
         if bad:
             raise ValueError(f"EMO config: cfg_uncond has unknown entries {sorted(bad)}")
+        if not 0 <= self.noise_correlation < 1:
+            raise ValueError(f"EMO config: noise_correlation must be in [0, 1), got {self.noise_correlation}")
         if self.motion_frames + self.frames_per_clip > self.motion.max_len:
             raise ValueError(f"EMO config: motion_frames + frames_per_clip = {self.motion_frames + self.frames_per_clip}"
                              f" exceeds the temporal position table ({self.motion.max_len})")

@@ -88,6 +88,7 @@ class SamplerSettings:
     scheduler: str = "ddim"
     frames_per_clip: int | None = None  # default: the config's
     motion_frames: int | None = None  # default: the config's
+    noise_correlation: float | None = None  # default: the config's (what the model was trained with)
 
 
 @dataclass
@@ -149,6 +150,12 @@ def generate(model, inputs: GenerationInputs, settings: SamplerSettings = Sample
     portrait = _portrait_bank(model, inputs, reference_latent, identity, groups, stats, device, dtype)
 
     generator = torch.Generator("cpu").manual_seed(settings.seed)
+    correlation = _default(settings.noise_correlation, cfg.noise_correlation)
+    if not 0 <= correlation < 1:
+        raise EMOInputError(f"noise correlation must be in [0, 1), got {correlation}")
+    # the frames' shared noise is drawn once for the whole video: consecutive clips share it too
+    shared = torch.randn((1, cfg.unet.in_channels, 1, *reference_latent.shape[-2:]), generator=generator) \
+        if correlation > 0 and initial_noise is None else None
     motion_latents = None  # (M, 4, h, w) of the previous clip
     face = None
     for c in range(clips):
@@ -170,7 +177,8 @@ def generate(model, inputs: GenerationInputs, settings: SamplerSettings = Sample
         if initial_noise is not None:
             noise = initial_noise[c]
         else:
-            noise = torch.randn((1, cfg.unet.in_channels, frames, *reference_latent.shape[-2:]), generator=generator)
+            noise = frame_noise((1, cfg.unet.in_channels, frames, *reference_latent.shape[-2:]), correlation,
+                                generator, shared)
         latents = noise.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
         for i, t in enumerate(scheduler.timesteps):
             if cancel is not None and cancel():
@@ -191,6 +199,19 @@ def generate(model, inputs: GenerationInputs, settings: SamplerSettings = Sample
         kept = min(frames, keep - start)
         yield Clip(index=c, count=clips, first_frame=start, latents=latents[:, :, :kept])
         del cond, bank, latents
+
+
+def frame_noise(shape: tuple, correlation: float, generator: torch.Generator | None = None,
+                shared: torch.Tensor | None = None) -> torch.Tensor:
+    """Gaussian noise for video latents (B, C, F, h, w) whose frames share a fraction `correlation` of their
+    variance: sqrt(ρ)·shared + sqrt(1 - ρ)·own, with `shared` (B, C, 1, h, w) drawn here unless given (PYoCo's
+    mixed noise). Every frame stays N(0, I); ρ = 0 gives exactly the independent draws of torch.randn."""
+    noise = torch.randn(shape, generator=generator)
+    if correlation <= 0:
+        return noise
+    if shared is None:
+        shared = torch.randn((*shape[:2], 1, *shape[3:]), generator=generator)
+    return math.sqrt(correlation) * shared + math.sqrt(1 - correlation) * noise
 
 
 def _cfg_rows(x: torch.Tensor, drop: bool, rows: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ from .config import EMOConfig, preset
 from .data import PreparedDataset
 from .face import face_locator_masks
 from .models.unet import UNetConditions
-from .sampler import clip_windows, make_scheduler, with_margin
+from .sampler import clip_windows, frame_noise, make_scheduler, with_margin
 
 # What trains in each stage: parameter-name parts included, then parts excluded (the paper, section 3.3).
 STAGE_TRAINABLE = {
@@ -73,6 +73,7 @@ class TrainConfig:
     first_clip_prob: float = 0.1  # stage 2/3: zero motion frames, as for the first clip
     cache_latents: bool = False  # keep each frame's VAE latent in memory once encoded (small datasets: LatentCache)
     face_expand: float = 1.2
+    noise_correlation: float | None = None  # set the model's noise_correlation (default: keep the init's)
     trainable: list | None = None  # override: parameter-name parts to train (default: STAGE_TRAINABLE)
     latent_scale: float | str | None = None  # stage 1: a number, "vae" (the VAE's scaling_factor) or the model's
     seed: int = 0
@@ -301,6 +302,14 @@ class LossLog:
 
 def build_for_stage(cfg: TrainConfig, vae_scale: float | None):
     """The model at the start of the stage, and where it came from."""
+    model, origin = _initial_model(cfg, vae_scale)
+    if cfg.noise_correlation is not None:  # recorded in the model's config: sampling uses what training used
+        model.cfg.noise_correlation = float(cfg.noise_correlation)
+        model.cfg.validate()
+    return model, origin
+
+
+def _initial_model(cfg: TrainConfig, vae_scale: float | None):
     init = cfg.init
     if init.startswith("checkpoint:"):
         path = Path(init.split(":", 1)[1])
@@ -443,8 +452,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
                     ref = encode_latents(vae, batch["reference"], scale)
                 # (B, 4, M+F, h, w); contiguous: torch 2.9.1 on CPU crashed in the stage-3 backward without it
                 lat = lat.transpose(1, 2).contiguous()
-                noise = torch.randn(lat[:, :, (0 if cfg.stage == 1 else model.cfg.motion_frames):].shape,
-                                    generator=generator).to(lat)
+                noise = frame_noise(lat[:, :, (0 if cfg.stage == 1 else model.cfg.motion_frames):].shape,
+                                    model.cfg.noise_correlation, generator).to(lat)
                 t = torch.randint(0, train_steps, (b,), generator=generator)
                 loss = step_fn(lat, ref, batch, t.to(lat.device), noise)
                 accelerator.backward(loss)

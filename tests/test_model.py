@@ -148,6 +148,36 @@ def test_sampling_is_deterministic_for_a_seed(emo):
     assert (run(emo, inputs, seed=7) - run(emo, inputs, seed=8)).abs().max() > 1e-3
 
 
+def test_frame_noise_shares_the_asked_part_of_the_variance():
+    from emo_core.sampler import frame_noise
+
+    independent = frame_noise((2, 4, 8, 6, 6), 0.0, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(independent, torch.randn((2, 4, 8, 6, 6), generator=torch.Generator().manual_seed(5)),
+                               atol=0, rtol=0)  # rho = 0: exactly the paper's independent draws
+    noise = frame_noise((64, 4, 2, 16, 16), 0.6, torch.Generator().manual_seed(5))
+    a, b = noise[:, :, 0].flatten(), noise[:, :, 1].flatten()
+    assert abs(float(noise.var()) - 1) < 0.03  # every frame stays N(0, I)
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1]) - 0.6) < 0.03
+
+
+def test_correlated_noise_makes_frames_and_clips_alike(emo):
+    inputs = inputs_for(emo, frames=emo.cfg.frames_per_clip * 2)
+    inputs.audio_features = inputs.audio_features[:1].expand_as(inputs.audio_features)  # only the noise differs
+
+    def change(video):  # (1, 4, S, h, w): mean frame-to-frame change inside clips, and clip 0 vs clip 1
+        f = emo.cfg.frames_per_clip
+        inside = (video[:, :, 1:f] - video[:, :, :f - 1]).abs().mean()
+        return float(inside), float((video[:, :, :f] - video[:, :, f:]).abs().mean())
+
+    # no motion frames: both clips are made from the same conditions, so only the noise tells them apart
+    independent = change(run(emo, inputs, motion_frames=0))
+    correlated = change(run(emo, inputs, motion_frames=0, noise_correlation=0.95))
+    assert correlated[0] < 0.5 * independent[0]  # frames of a clip share their noise
+    assert correlated[1] < 0.5 * independent[1]  # and consecutive clips share it too (drawn once per video)
+    with pytest.raises(EMOInputError, match="noise correlation"):
+        run(emo, inputs, noise_correlation=1.0)
+
+
 def test_clip_by_clip_any_length(emo):
     cfg = emo.cfg
     frames = cfg.frames_per_clip * 3 + 1  # 3 full clips and 1 frame

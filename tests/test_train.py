@@ -112,7 +112,10 @@ def test_three_stages_train_what_the_paper_trains(workdir):
     assert (root / "stage1" / "loss.svg").read_text().startswith("<svg")
 
     stage1 = _snapshot(first)
-    second = train(_config(root, 2, "stage2", init=f"checkpoint:{first}"), log=log.append)
+    with pytest.raises(ValueError, match="noise_correlation"):
+        train(_config(root, 2, "stage2", init=f"checkpoint:{first}", noise_correlation=1.0), log=log.append)
+    second = train(_config(root, 2, "stage2", init=f"checkpoint:{first}", noise_correlation=0.5), log=log.append)
+    assert load_model(second).cfg.noise_correlation == 0.5  # recorded for sampling
     stage2 = _snapshot(second)
     temporal = lambda k: ".motion_modules." in k  # noqa: E731
     audio = lambda k: ".audio_modules." in k or k.startswith("audio_proj.")  # noqa: E731
@@ -123,6 +126,7 @@ def test_three_stages_train_what_the_paper_trains(workdir):
     assert not _changed(stage1, stage2, lambda k: k.startswith("speed_encoder.") or "speed_attention" in k)
 
     third = train(_config(root, 3, "stage3", init=f"checkpoint:{second}"), log=log.append)
+    assert load_model(third).cfg.noise_correlation == 0.5  # kept from the init
     stage3 = _snapshot(third)
     assert _changed(stage2, stage3, lambda k: k.startswith("speed_encoder."))
     assert _changed(stage2, stage3, temporal)
