@@ -132,7 +132,10 @@ def generate(model, inputs: GenerationInputs, settings: SamplerSettings = Sample
     motion = _default(settings.motion_frames, cfg.motion_frames)
     steps = _default(settings.steps, cfg.steps)
     guidance = _default(settings.guidance_scale, cfg.guidance_scale)
+    correlation = _default(settings.noise_correlation, cfg.noise_correlation)
     _validate(model, inputs, frames, motion, steps, codec)
+    if not 0 <= correlation < 1:
+        raise EMOInputError(f"noise correlation must be in [0, 1), got {correlation}")
 
     audio = inputs.audio_features  # stays where it is: only each clip's windows go to the device
     total = audio.shape[0]
@@ -150,9 +153,6 @@ def generate(model, inputs: GenerationInputs, settings: SamplerSettings = Sample
     portrait = _portrait_bank(model, inputs, reference_latent, identity, groups, stats, device, dtype)
 
     generator = torch.Generator("cpu").manual_seed(settings.seed)
-    correlation = _default(settings.noise_correlation, cfg.noise_correlation)
-    if not 0 <= correlation < 1:
-        raise EMOInputError(f"noise correlation must be in [0, 1), got {correlation}")
     # the frames' shared noise is drawn once for the whole video: consecutive clips share it too
     shared = torch.randn((1, cfg.unet.in_channels, 1, *reference_latent.shape[-2:]), generator=generator) \
         if correlation > 0 and initial_noise is None else None
