@@ -60,10 +60,16 @@ def mouth_box(face, size: int) -> tuple:
     return tuple(float(np.clip(v, 0, size)) for v in box)
 
 
+def in_box(images: torch.Tensor, box: tuple) -> torch.Tensor:
+    """The pixels of (..., H, W) inside box (x0, y0, x1, y1), rounded to whole pixels, at least one pixel."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    x0, y0 = max(0, x0), max(0, y0)
+    return images[..., y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
+
+
 def mouth_opening(frames: torch.Tensor, box: tuple) -> np.ndarray:
     """Darkness of the mouth region per frame (an open mouth shows its dark inside): 1 - mean luminance."""
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
-    luma = (frames[:, 0] * 0.299 + frames[:, 1] * 0.587 + frames[:, 2] * 0.114)[:, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
+    luma = in_box(frames[:, 0] * 0.299 + frames[:, 1] * 0.587 + frames[:, 2] * 0.114, box)
     return (1 - luma.flatten(1).mean(1)).numpy()
 
 
@@ -78,8 +84,7 @@ def similarity(frames: torch.Tensor, reference: torch.Tensor) -> float:
 
 def face_change(frames: torch.Tensor, box: tuple) -> float:
     """Mean absolute frame-to-frame change inside the face box, frames (S, 3, H, W) in [0, 1]."""
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
-    face = frames[:, :, max(0, y0):max(y1, y0 + 1), max(0, x0):max(x1, x0 + 1)]
+    face = in_box(frames, box)
     return float((face[1:] - face[:-1]).abs().mean())
 
 
