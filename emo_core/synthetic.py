@@ -2,7 +2,7 @@
 chosen speed and occasional blinks, written as ordinary mp4 + audio so that data preparation and training run on
 them exactly as on real videos (and so that lip-sync and speed control can be measured on known ground truth).
 
-    python -m emo_core.synthetic OUT_DIR --count 8 --seconds 4
+    python -m emo_core.synthetic OUT_DIR --count 8 --seconds 4 [--workers N]
 
 Every clip is fully determined by its seed. Per-frame ground truth (mouth opening, yaw/pitch/roll, blink) is
 returned and written next to the video as JSON.
@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -182,6 +184,15 @@ def write_clip(path, seed: int, seconds: float = 4.0, fps: float = 25, size: int
     return truth
 
 
+def _write_one(job: tuple) -> float:
+    path, seed, seconds, fps, size, speed = job
+    import torch
+
+    torch.set_num_threads(1)  # one clip per process: the processes share the cores
+    write_clip(path, seed, seconds, fps, size, speed)
+    return speed
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m emo_core.synthetic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -192,12 +203,23 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--speeds", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="head speeds, cycled")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="clips written in parallel (default: one per CPU core); the files do not depend on it")
     args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1, got {args.workers}")
     out = Path(args.out)
-    for i in range(args.count):
-        speed = args.speeds[i % len(args.speeds)]
-        write_clip(out / f"synthetic_{args.seed + i:05d}.mp4", args.seed + i, args.seconds, args.fps, args.size, speed)
-        print(f"[synthetic] {i + 1}/{args.count} speed {speed} deg/frame")
+    jobs = [(out / f"synthetic_{args.seed + i:05d}.mp4", args.seed + i, args.seconds, args.fps, args.size,
+             args.speeds[i % len(args.speeds)]) for i in range(args.count)]
+    def report(done):
+        for i, speed in enumerate(done):
+            print(f"[synthetic] {i + 1}/{args.count} speed {speed} deg/frame", flush=True)
+
+    if args.workers == 1 or len(jobs) < 2:
+        report(map(_write_one, jobs))
+    else:
+        with ProcessPoolExecutor(min(args.workers, len(jobs))) as pool:
+            report(pool.map(_write_one, jobs))
 
 
 if __name__ == "__main__":

@@ -41,3 +41,16 @@ def test_written_as_an_ordinary_video(tmp_path):
         assert [s.codec_context.name for s in c.streams.audio] == ["aac"]
     saved = json.loads((tmp_path / "clip.json").read_text())
     assert saved["mouth"] == truth.mouth and saved["speed"] == 1.0
+
+
+def test_parallel_writing_gives_the_same_files(tmp_path):
+    from emo_core.synthetic import main
+
+    args = ["--count", "3", "--seconds", "0.4", "--size", "64", "--speeds", "0", "2", "--seed", "40"]
+    main([str(tmp_path / "one"), "--workers", "1", *args])
+    main([str(tmp_path / "two"), "--workers", "2", *args])
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(names) == 6  # mp4 + json each
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert json.loads((tmp_path / "two" / "synthetic_00041.json").read_text())["speed"] == 2.0
