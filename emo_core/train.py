@@ -385,11 +385,13 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
         if not resume:
             raise ValueError(f"{out} already holds a training run: pass --resume to continue it, or choose another "
                              f"output folder (nothing was changed)")
-        if before["stage"] != cfg.stage or before["model_config"] != json.loads(json.dumps(run["model_config"])):
-            raise ValueError(f"cannot resume: {out} holds a stage-{before['stage']} run of model "
-                             f"{before['model_config']['name']!r}; this config is stage {cfg.stage} of "
-                             f"{model.cfg.name!r}. Use the run's own config, or a new output folder (nothing was "
-                             f"changed)")
+        saved, wanted = before["model_config"], json.loads(json.dumps(run["model_config"]))
+        differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        if before["stage"] != cfg.stage or differ:
+            raise ValueError(f"cannot resume: {out} holds a stage-{before['stage']} run of model {saved['name']!r}; "
+                             f"this config is stage {cfg.stage} of {model.cfg.name!r}"
+                             f"{' with other model settings: ' + ', '.join(differ) if differ else ''}. Use the "
+                             f"run's own config, or a new output folder (nothing was changed)")
     elif resume:
         raise ValueError(f"--resume: {out} holds no training run to continue")
     data = PreparedDataset(cfg.data)

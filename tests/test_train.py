@@ -176,6 +176,9 @@ def test_resume_continues_and_mismatches_are_refused(workdir):
     other = _config(root, 1, "resume", steps=4, model="demo")
     with pytest.raises(ValueError, match="cannot resume"):
         train(other, resume=True, log=lambda m: None)
+    changed = _config(root, 1, "resume", steps=4, noise_correlation=0.3)  # would change the saved model's config
+    with pytest.raises(ValueError, match="other model settings: noise_correlation"):
+        train(changed, resume=True, log=lambda m: None)
     more = _config(root, 1, "resume", steps=4)
     lines = []
     train(more, resume=True, log=lines.append)
