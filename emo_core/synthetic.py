@@ -185,12 +185,14 @@ def write_clip(path, seed: int, seconds: float = 4.0, fps: float = 25, size: int
 
 
 def _write_one(job: tuple) -> float:
-    path, seed, seconds, fps, size, speed = job
+    write_clip(*job)
+    return job[-1]  # its speed
+
+
+def _one_thread():
     import torch
 
-    torch.set_num_threads(1)  # one clip per process: the processes share the cores
-    write_clip(path, seed, seconds, fps, size, speed)
-    return speed
+    torch.set_num_threads(1)  # one clip per worker process: the processes share the cores
 
 
 def main(argv=None):
@@ -211,6 +213,7 @@ def main(argv=None):
     out = Path(args.out)
     jobs = [(out / f"synthetic_{args.seed + i:05d}.mp4", args.seed + i, args.seconds, args.fps, args.size,
              args.speeds[i % len(args.speeds)]) for i in range(args.count)]
+
     def report(done):
         for i, speed in enumerate(done):
             print(f"[synthetic] {i + 1}/{args.count} speed {speed} deg/frame", flush=True)
@@ -218,7 +221,7 @@ def main(argv=None):
     if args.workers == 1 or len(jobs) < 2:
         report(map(_write_one, jobs))
     else:
-        with ProcessPoolExecutor(min(args.workers, len(jobs))) as pool:
+        with ProcessPoolExecutor(min(args.workers, len(jobs)), initializer=_one_thread) as pool:
             report(pool.map(_write_one, jobs))
 
 

@@ -44,8 +44,11 @@ def test_written_as_an_ordinary_video(tmp_path):
 
 
 def test_parallel_writing_gives_the_same_files(tmp_path):
+    import torch
+
     from emo_core.synthetic import main
 
+    threads = torch.get_num_threads()
     args = ["--count", "3", "--seconds", "0.4", "--size", "64", "--speeds", "0", "2", "--seed", "40"]
     main([str(tmp_path / "one"), "--workers", "1", *args])
     main([str(tmp_path / "two"), "--workers", "2", *args])
@@ -54,3 +57,4 @@ def test_parallel_writing_gives_the_same_files(tmp_path):
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     assert json.loads((tmp_path / "two" / "synthetic_00041.json").read_text())["speed"] == 2.0
+    assert torch.get_num_threads() == threads  # only the worker processes run on one thread
