@@ -133,9 +133,7 @@ def generate(model, inputs: GenerationInputs, settings: SamplerSettings = Sample
     steps = _default(settings.steps, cfg.steps)
     guidance = _default(settings.guidance_scale, cfg.guidance_scale)
     correlation = _default(settings.noise_correlation, cfg.noise_correlation)
-    _validate(model, inputs, frames, motion, steps, codec)
-    if not 0 <= correlation < 1:
-        raise EMOInputError(f"noise correlation must be in [0, 1), got {correlation}")
+    _validate(model, inputs, frames, motion, steps, correlation, codec)
 
     audio = inputs.audio_features  # stays where it is: only each clip's windows go to the device
     total = audio.shape[0]
@@ -225,7 +223,7 @@ def _default(value, default):
     return default if value is None else value
 
 
-def _validate(model, inputs: GenerationInputs, frames: int, motion: int, steps: int, codec):
+def _validate(model, inputs: GenerationInputs, frames: int, motion: int, steps: int, correlation: float, codec):
     cfg = model.cfg
     ref = inputs.reference_latent
     if ref.ndim != 4 or ref.shape[0] != 1 or ref.shape[1] != cfg.unet.in_channels:
@@ -249,6 +247,8 @@ def _validate(model, inputs: GenerationInputs, frames: int, motion: int, steps: 
     if motion > frames:
         raise EMOInputError(f"motion frames ({motion}) cannot exceed frames per clip ({frames}): they are the "
                             f"previous clip's last frames")
+    if not 0 <= correlation < 1:
+        raise EMOInputError(f"noise correlation must be in [0, 1), got {correlation}")
     if inputs.num_frames is not None and inputs.num_frames < 1:
         raise EMOInputError(f"num_frames must be >= 1, got {inputs.num_frames}")
     if motion and cfg.motion_frames_source == "pixels" and codec is None:
