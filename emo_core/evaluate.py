@@ -103,7 +103,7 @@ def head_speed(detector, frames: torch.Tensor) -> float:
         _, landmarks, _ = track_faces(detector, frames)
     except NoFaceError:
         return float("nan")
-    return float(rotation_speed(torch.stack([head_pose(lm) for lm in landmarks]), smooth=9).mean())
+    return float(rotation_speed(torch.stack([head_pose(lm) for lm in landmarks])).mean())
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
