@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -92,39 +93,46 @@ def prepare_video(path: Path, encoder, detector, size: int, fps: float, centres:
 
 
 def prepare(videos: Path, out: Path, encoder, detector, size: int = 512, fps: float = 25, clip_frames: int = 16,
-            centres: list | None = None, log=print) -> dict:
-    """Prepare every video under `videos` into `out` (see the module docstring). Returns the dataset index."""
+            centres: list | None = None, workers: int = 1, log=print) -> dict:
+    """Prepare every video under `videos` into `out` (see the module docstring). Returns the dataset index.
+    workers > 1 prepares that many videos at a time in worker processes, each on one torch thread with its own copy
+    of the encoder and detector: the files are the same for any number of workers, and the same as one process on
+    one torch thread gives (on more threads, the same to float rounding)."""
     from .config import SpeedConfig
+    from .face import LANDMARK_FACE_SIZE, SPEED_WINDOW
 
     videos, out = Path(videos), Path(out)
     if not videos.is_dir():
         raise FileNotFoundError(f"video folder not found: {videos}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     files = sorted(p for p in videos.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
     if not files:
         raise ValueError(f"{videos} holds no videos ({', '.join(VIDEO_SUFFIXES)}): nothing to prepare")
     centres = centres or SpeedConfig().centres()
+    # how the head speed is measured belongs to the settings: a changed method prepares the videos again
     settings = {"size": size, "fps": fps, "audio_layers": encoder.layers,
-                "audio_channels": encoder.model.config.hidden_size, "speed_centres": centres}
+                "audio_channels": encoder.model.config.hidden_size, "speed_centres": centres,
+                "head_speed": f"YuNet landmarks at {LANDMARK_FACE_SIZE} px faces, polar pose fit, slope over "
+                              f"{SPEED_WINDOW} frames"}
     (out / "videos").mkdir(parents=True, exist_ok=True)
+    names = [p.relative_to(videos).with_suffix("").as_posix().replace("/", "__") for p in files]
+    jobs = [(path, out / "videos" / f"{name}.safetensors", size, fps, centres, clip_frames, settings)
+            for path, name in zip(files, names)]
     index = {"format": FORMAT, **settings, "videos": [], "skipped": [], "clips": [], "clip_frames": clip_frames}
     started = time.perf_counter()
+    pool = None
     try:
-        for i, path in enumerate(files):
-            name = path.relative_to(videos).with_suffix("").as_posix().replace("/", "__")
-            target = out / "videos" / f"{name}.safetensors"
-            try:
-                if target.is_file() and _settings(target) == settings:
-                    frames = _frame_count(target)
-                    note = "kept (prepared before)"
-                else:
-                    data = prepare_video(path, encoder, detector, size, fps, centres, min_frames=clip_frames)
-                    save_file(data, str(target), metadata={"source": str(path), "settings": json.dumps(settings)})
-                    frames = data["frames"].shape[0]
-                    note = (f"{frames} frames, face in {100 * float(data['found'].float().mean()):.0f}%, "
-                            f"speed {float(data['speed'].mean()):.2f} deg/frame")
-            except SkipVideo as e:
-                index["skipped"].append({"video": str(path), "reason": str(e)})
-                log(f"[prepare] {i + 1}/{len(files)} SKIPPED {path.name}: {e}")
+        if workers == 1 or len(jobs) < 2:
+            results = (_prepare_one(job, encoder, detector) for job in jobs)
+        else:
+            pool = ProcessPoolExecutor(min(workers, len(jobs)), initializer=_start_worker,
+                                       initargs=(encoder, detector))
+            results = pool.map(_prepare_in_worker, jobs)  # in file order, whatever finishes first
+        for i, (path, name, (frames, note)) in enumerate(zip(files, names, results)):
+            if frames is None:
+                index["skipped"].append({"video": str(path), "reason": note})
+                log(f"[prepare] {i + 1}/{len(files)} SKIPPED {path.name}: {note}")
                 continue
             v = len(index["videos"])
             index["videos"].append({"name": name, "file": f"videos/{name}.safetensors", "frames": frames,
@@ -135,10 +143,40 @@ def prepare(videos: Path, out: Path, encoder, detector, size: int = 512, fps: fl
         log("[prepare] interrupted: the index below covers the videos prepared so far; run again to continue")
         raise
     finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         (out / "dataset.json").write_text(json.dumps(index, indent=1))
     log(f"[prepare] {len(index['videos'])} videos, {len(index['clips'])} clips of {clip_frames} frames, "
         f"{len(index['skipped'])} skipped -> {out / 'dataset.json'}")
     return index
+
+
+def _prepare_one(job: tuple, encoder, detector) -> tuple:
+    """One video of `prepare` -> (frames, note), or (None, reason) for a video that cannot be used."""
+    path, target, size, fps, centres, clip_frames, settings = job
+    if target.is_file() and _settings(target) == settings:
+        return _frame_count(target), "kept (prepared before)"
+    try:
+        data = prepare_video(path, encoder, detector, size, fps, centres, min_frames=clip_frames)
+    except SkipVideo as e:
+        return None, str(e)
+    save_file(data, str(target), metadata={"source": str(path), "settings": json.dumps(settings)})
+    frames = data["frames"].shape[0]
+    return frames, (f"{frames} frames, face in {100 * float(data['found'].float().mean()):.0f}%, "
+                    f"speed {float(data['speed'].mean()):.2f} deg/frame")
+
+
+_worker_tools = None  # (encoder, detector) of a worker process of `prepare`
+
+
+def _start_worker(encoder, detector):
+    global _worker_tools
+    torch.set_num_threads(1)  # one video per worker process: the processes share the cores
+    _worker_tools = (encoder, detector)
+
+
+def _prepare_in_worker(job: tuple) -> tuple:
+    return _prepare_one(job, *_worker_tools)
 
 
 def _settings(path: Path) -> dict | None:
@@ -206,14 +244,20 @@ def main(argv=None):
     p.add_argument("--clip-frames", type=int, default=16, help="frames per entry of the clip index (motion + clip)")
     p.add_argument("--max-speed", type=float, default=8.0, help="head speed (deg/frame) of the last speed bucket")
     p.add_argument("--buckets", type=int, default=9, help="number of speed buckets")
+    p.add_argument("--workers", type=int, default=1,
+                   help="videos prepared in parallel, each worker on one thread with its own copy of the audio "
+                        "encoder and face detector (memory!); the files do not depend on the number of workers")
     args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1, got {args.workers}")
     from .config import SpeedConfig
 
     centres = SpeedConfig(buckets=args.buckets, max_speed=args.max_speed).centres()
     try:
         encoder = Wav2Vec2Features.from_files(args.audio_encoder)
         detector = YuNetDetector(args.face_detector, confidence=args.confidence)
-        prepare(args.videos, args.out, encoder, detector, args.size, args.fps, args.clip_frames, centres)
+        prepare(args.videos, args.out, encoder, detector, args.size, args.fps, args.clip_frames, centres,
+                args.workers)
     except KeyboardInterrupt:
         sys.exit("[prepare] interrupted")
     except (FileNotFoundError, ValueError) as e:

@@ -15,8 +15,10 @@ mkdir -p "$work"
 # 200 people x 2 s at 128 px, head speeds cycling 0 / 0.5 / 1 / 2 / 3 degrees per frame (seeds 1000-1199)
 "$py" -m emo_core.synthetic "$work/videos" --count 200 --seconds 2 --size 128 --speeds 0 0.5 1 2 3 --seed 1000
 "$py" -m emo_core new-audio-encoder --out "$work/audio_encoder" --layers 4 --hidden 32 --seed 0
+# at least 2 workers: each prepares its videos on one thread, so the files are the same on any machine
+workers=$(( $(nproc) > 2 ? $(nproc) : 2 ))
 "$py" -m emo_core prepare "$work/videos" "$work/prepared" --audio-encoder "$work/audio_encoder" \
-    --face-detector "$face" --confidence 0.3 --size 64 --clip-frames 10 --max-speed 4
+    --face-detector "$face" --confidence 0.3 --size 64 --clip-frames 10 --max-speed 4 --workers "$workers"
 "$py" -m emo_core train-vae "$work/prepared" --out "$work/vae" --steps 2000 --batch-size 8 --lr 1e-3 --seed 0
 for stage in 1 2 3; do
     "$py" -m emo_core train "configs/train/demo_stage$stage.json"

@@ -65,6 +65,23 @@ def test_prepare_keeps_good_videos_and_reports_bad_ones(workdir):
     assert bool((boxes[:, 2] > boxes[:, 0]).all()) and float(boxes.max()) <= SIZE * 1.5
 
 
+def test_prepare_in_parallel_writes_the_same_files(workdir, tmp_path):
+    root, index = workdir
+    encoder = Wav2Vec2Features.from_files(root / "encoder")
+    detector = YuNetDetector(face_fixture_dir() / "yunet_final.pth", confidence=0.3)
+    torch.set_num_threads(1)  # what each worker runs on
+    one = prepare(root / "videos", tmp_path / "one", encoder, detector, size=SIZE, clip_frames=6, log=lambda m: None)
+    lines = []
+    two = prepare(root / "videos", tmp_path / "two", encoder, detector, size=SIZE, clip_frames=6, workers=2,
+                  log=lines.append)
+    assert two["videos"] == one["videos"] and two["skipped"] == one["skipped"] and two["clips"] == one["clips"]
+    for video in one["videos"]:
+        assert (tmp_path / "one" / video["file"]).read_bytes() == (tmp_path / "two" / video["file"]).read_bytes()
+    assert sum("SKIPPED" in line for line in lines) == 4 and lines[-1].startswith("[prepare] 2 videos")
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        prepare(root / "videos", tmp_path / "three", encoder, detector, workers=0)
+
+
 def test_prepare_resumes_and_refuses_empty_folders(workdir, tmp_path):
     root, index = workdir
     encoder = Wav2Vec2Features.from_files(root / "encoder")
