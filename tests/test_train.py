@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from emo_core.audio import Wav2Vec2Features, random_audio_encoder
 from emo_core.checkpoint import CheckpointError, load_checkpoint, load_model, read_metadata
@@ -75,8 +76,11 @@ def test_prepare_in_parallel_writes_the_same_files(workdir, tmp_path):
     two = prepare(root / "videos", tmp_path / "two", encoder, detector, size=SIZE, clip_frames=6, workers=2,
                   log=lines.append)
     assert two["videos"] == one["videos"] and two["skipped"] == one["skipped"] and two["clips"] == one["clips"]
-    for video in one["videos"]:
-        assert (tmp_path / "one" / video["file"]).read_bytes() == (tmp_path / "two" / video["file"]).read_bytes()
+    for video in one["videos"]:  # the same tensors and metadata (safetensors orders the metadata per process)
+        one_file, two_file = tmp_path / "one" / video["file"], tmp_path / "two" / video["file"]
+        with safe_open(one_file, "pt") as a, safe_open(two_file, "pt") as b:
+            assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys())
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
     assert sum("SKIPPED" in line for line in lines) == 4 and lines[-1].startswith("[prepare] 2 videos")
     with pytest.raises(ValueError, match="workers must be at least 1"):
         prepare(root / "videos", tmp_path / "three", encoder, detector, workers=0)
