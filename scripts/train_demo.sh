@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the bundled demo model (emo_core/assets/emo-demo.safetensors) from nothing with the project's own
 # commands, on CPU: synthetic talking faces -> data preparation -> small VAE -> stages 1, 2, 3 -> one bundled file.
-# About 47 minutes on 2 cores (measured: data 3.4, VAE 15.6, stages 8.4 + 11.5 + 8.1). Work files go to
-# out/demo-train/ (ignored by git).
+# About 50 minutes on 2 cores (measured: synthetic clips ~2.3, prepare 3.6, VAE 15.6, stages 8.4 + 11.5 + 8.1).
+# Work files go to out/demo-train/ (ignored by git).
 #   bash scripts/train_demo.sh [YUNET_WEIGHTS]     (default: ../shared/fixtures/face/yunet_final.pth)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

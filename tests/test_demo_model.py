@@ -34,7 +34,7 @@ def test_demo_lipsync_is_clearly_above_the_shuffled_audio_baseline(metrics):
 
 
 def test_demo_clip_boundaries_are_as_smooth_as_inside_clips(metrics):
-    assert 0.5 < metrics["boundary_ratio"] < 1.6  # measured 1.33 here (see the issue note)
+    assert 0.5 < metrics["boundary_ratio"] < 1.6  # measured 1.38 here (see the issue note)
 
 
 def test_demo_faces_flicker_at_most_a_few_times_as_much_as_real_video(metrics):
@@ -48,12 +48,15 @@ def test_demo_keeps_the_identity(metrics):
     assert metrics["identity"] > metrics["identity_other"] + 0.1
 
 
+@pytest.mark.xfail(strict=False, reason="issue 5, open: the demo model's speed control does not work yet. Its "
+                   "temporal modules do not carry the head pose of the motion frames forward, and the speed labels "
+                   "change its stage-3 loss by 0.1 %; measured 1.61 vs 1.87 deg/frame (0.5 vs 3.0 asked) on this "
+                   "draw, 1.48 vs 1.54 on seed 2: flicker-level differences, no head turn")
 def test_demo_faster_requested_speed_gives_faster_measured_head_motion(metrics):
-    # Measured 1.68 vs 1.76 deg/frame here; with another draw (seed 2) the order flips (1.92 vs 1.87): the demo
-    # model's speed control is within the noise of this measurement (see the issue note), so only the direction on
-    # this draw is asserted.
+    # The same people really filmed still / turning at 3 deg/frame, at 64 px through the demo's VAE, read 0.79 /
+    # 1.56 deg/frame (see the issue note): a working speed control must show at least half that spread.
     speeds = metrics["speed_measured"]
-    assert speeds["3.0"] > speeds["0.5"]
+    assert speeds["3.0"] > speeds["0.5"] + 0.4
 
 
 def test_face_change_is_measured_inside_the_face_box_only():
