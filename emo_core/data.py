@@ -99,7 +99,7 @@ def prepare(videos: Path, out: Path, encoder, detector, size: int = 512, fps: fl
     of the encoder and detector: the files are the same for any number of workers, and the same as one process on
     one torch thread gives (on more threads, the same to float rounding)."""
     from .config import SpeedConfig
-    from .face import LANDMARK_FACE_SIZE, SPEED_WINDOW
+    from .face import HEAD_SPEED_METHOD
 
     videos, out = Path(videos), Path(out)
     if not videos.is_dir():
@@ -110,11 +110,9 @@ def prepare(videos: Path, out: Path, encoder, detector, size: int = 512, fps: fl
     if not files:
         raise ValueError(f"{videos} holds no videos ({', '.join(VIDEO_SUFFIXES)}): nothing to prepare")
     centres = centres or SpeedConfig().centres()
-    # how the head speed is measured belongs to the settings: a changed method prepares the videos again
     settings = {"size": size, "fps": fps, "audio_layers": encoder.layers,
                 "audio_channels": encoder.model.config.hidden_size, "speed_centres": centres,
-                "head_speed": f"YuNet landmarks at {LANDMARK_FACE_SIZE} px faces, polar pose fit, slope over "
-                              f"{SPEED_WINDOW} frames"}
+                "head_speed": HEAD_SPEED_METHOD}
     (out / "videos").mkdir(parents=True, exist_ok=True)
     names = [p.relative_to(videos).with_suffix("").as_posix().replace("/", "__") for p in files]
     jobs = [(path, out / "videos" / f"{name}.safetensors", size, fps, centres, clip_frames, settings)

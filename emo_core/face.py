@@ -23,6 +23,9 @@ MIN_DETECT_SIZE = 64  # ... and its shorter side at least this
 LANDMARK_FACE_SIZE = 192  # track_faces reads the landmarks again on a crop where the face is this wide ...
 LANDMARK_CROP_MAX = 1024  # ... unless that crop would be larger than this
 SPEED_WINDOW = 15  # frames over which rotation_speed fits each angle's slope
+# how the head speed is measured, recorded with prepared data (a changed method prepares the videos again)
+HEAD_SPEED_METHOD = (f"YuNet landmarks at {LANDMARK_FACE_SIZE} px faces, polar pose fit, slope over {SPEED_WINDOW} "
+                     f"frames")
 
 
 class NoFaceError(EMOInputError):
@@ -182,8 +185,7 @@ def track_faces(detector: YuNetDetector, frames: torch.Tensor, face_index: int =
             if previous is None:
                 face = faces[face_index] if len(faces) > face_index else None
             else:
-                best = max(faces, key=lambda f: _iou(f.box, previous.box), default=None)
-                face = best if best is not None and _iou(best.box, previous.box) > 0.1 else None
+                face = _overlapping(faces, previous.box, 0.1)
             picked.append(face)
             previous = face or previous
     found = torch.tensor([f is not None for f in picked])
@@ -214,10 +216,8 @@ def refine_landmarks(detector: YuNetDetector, frames: torch.Tensor, faces: list,
     for start in range(0, len(faces), batch):
         for face, found in zip(faces[start:start + batch], detector.detect(crop_image(frames[start:start + batch],
                                                                                       crop))):
-            expected = crop.map_face(face)
-            best = max(found, key=lambda f: _iou(f.box, expected.box), default=None)
-            good = best is not None and _iou(best.box, expected.box) > 0.3
-            refined.append(crop.unmap_face(best).landmarks if good else face.landmarks)
+            best = _overlapping(found, crop.map_face(face).box, 0.3)
+            refined.append(face.landmarks if best is None else crop.unmap_face(best).landmarks)
     return torch.stack(refined)
 
 
@@ -248,6 +248,12 @@ def hallo_region_masks(face: Face, height: int, width: int, levels: int = 4, fac
     sizes = level_sizes((math.ceil(height / 8), math.ceil(width / 8)), levels)
     return {k: [F.interpolate(m, size=size, mode="bilinear", antialias=True).clamp(0, 1).flatten() for size in sizes]
             for k, m in maps.items()}
+
+
+def _overlapping(faces: list, box: tuple, min_iou: float) -> Face | None:
+    """The face overlapping `box` most, if by more than `min_iou`; else None."""
+    best = max(faces, key=lambda f: _iou(f.box, box), default=None)
+    return best if best is not None and _iou(best.box, box) > min_iou else None
 
 
 def _iou(a: tuple, b: tuple) -> float:
