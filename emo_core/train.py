@@ -195,21 +195,72 @@ class LatentCache:
     use and kept in memory. The VAE is frozen and the mean is deterministic, so these are the latents that encoding
     each batch gives, without encoding the same frames again each time they are drawn (on the demo's 64-px clips
     the encoder took half of every step). Memory: 4 x (H/8) x (W/8) floats per frame, 2.5 MB for the demo's 9600
-    frames, but 64 GB for a million 512-px frames: for small datasets only."""
+    frames, but 64 GB for a million 512-px frames: for small datasets only.
 
-    def __init__(self, vae, data: PreparedDataset, scale: float):
-        self.vae, self.data, self.scale = vae, data, scale
+    With `path` (a file named after the VAE's weights and scale: `file_for`), the latents are also kept on disk,
+    so that the stages of a run encode the frames once: `save` writes the file, and a stored video's latents are
+    used only while a hash of its frames still matches (a video prepared again is encoded again)."""
+
+    def __init__(self, vae, data: PreparedDataset, scale: float, path: Path | None = None):
+        self.vae, self.data, self.scale, self.path = vae, data, scale, path
         self.latents = {}  # video index -> (frames, 4, h, w) on the CPU
+        self.stored, self.hashes = {}, {}  # from the file: video file name -> latents / frames hash
+        self.added = False
+        if path is not None and path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                self.hashes = dict(f.metadata() or {})
+                self.stored = {k: f.get_tensor(k) for k in f.keys()}
+
+    @staticmethod
+    def file_for(data: PreparedDataset, vae, scale: float) -> Path:
+        """<prepared set>/latents/<hash of the VAE's weights and the scale>.safetensors"""
+        import hashlib
+
+        h = hashlib.sha256(repr(float(scale)).encode())
+        for name, tensor in vae.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return data.root / "latents" / f"vae-{h.hexdigest()[:16]}.safetensors"
 
     def __call__(self, videos: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """videos (B,), frame indices (B, K) -> latents (B, K, 4, h, w) on the VAE's device."""
         out = []
         for v, idx in zip(videos.tolist(), ids.cpu()):
             if v not in self.latents:
-                frames = _pixels(self.data.video(v)["frames"])
-                self.latents[v] = encode_latents(self.vae, frames, self.scale).cpu()
+                self.latents[v] = self._load(v)
             out.append(self.latents[v][idx])
         return torch.stack(out).to(next(self.vae.parameters()).device)
+
+    def _load(self, v: int) -> torch.Tensor:
+        import hashlib
+
+        frames = self.data.video(v)["frames"]  # (N, H, W, 3) uint8
+        name = self.data.videos[v]["file"]
+        digest = hashlib.sha256(frames.contiguous().numpy().tobytes()).hexdigest()
+        if self.hashes.get(name) == digest and name in self.stored:
+            return self.stored[name]
+        latents = encode_latents(self.vae, _pixels(frames), self.scale).cpu()
+        self.stored[name], self.hashes[name], self.added = latents, digest, True
+        return latents
+
+    def save(self):
+        """Write the file (when latents were encoded since it was read); a folder that cannot be written only
+        loses the speed-up."""
+        if self.path is None or not self.added:
+            return None
+        from safetensors.torch import save_file
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            part = self.path.with_suffix(".part")
+            save_file({k: t.contiguous() for k, t in self.stored.items()}, str(part), metadata=self.hashes)
+            part.replace(self.path)
+        except OSError as e:
+            return f"latents not kept on disk ({e})"
+        self.added = False
+        return None
 
 
 # ---- the loss ---------------------------------------------------------------------------------------------------
@@ -427,7 +478,9 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
                                          sampler=range(step * per_step, len(samples)), num_workers=0)
     loader = accelerator.prepare_data_loader(loader)
     scale = model.cfg.latent_scale
-    cache = LatentCache(vae, data, scale) if cfg.cache_latents else None
+    cache = None
+    if cfg.cache_latents:
+        cache = LatentCache(vae, data, scale, LatentCache.file_for(data, vae, scale))
     log(f"[train] stage {cfg.stage}: {model.cfg.name} from {origin}; training {count / 1e6:.2f} M of "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters on {accelerator.device} "
         f"({accelerator.num_processes} process(es)); {cfg.steps} steps of {per_step} samples")
@@ -481,6 +534,10 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
     finally:
         bar.close()
     _save(accelerator, step_fn, checkpoints, step, out, cfg.stage)
+    if cache is not None and accelerator.is_main_process:
+        problem = cache.save()
+        if problem:
+            log(f"[train] {problem}")
     note = f" ({stopped}; --resume continues)" if stopped else ""
     log(f"[train] stage {cfg.stage}: {step}/{cfg.steps} steps in {time.perf_counter() - started:.0f}s{note}; model: "
         f"{out / 'model.safetensors'}, loss log: {out / 'log.csv'}, plot: {out / 'loss.svg'}")

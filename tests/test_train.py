@@ -187,6 +187,26 @@ def test_cached_latents_are_the_encoded_frames(workdir):
         losses[cached] = [float(line.split(",")[1]) for line in (root / out / "log.csv").read_text().splitlines()[1:]]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
+    # the run kept its latents on disk: a later stage reads them instead of encoding, unless a video changed
+    path = LatentCache.file_for(data, vae, 0.5)
+    assert path.parent == root / "prepared" / "latents"
+    kept = LatentCache.file_for(data, vae, vae.config.scaling_factor)
+    assert kept.is_file() and kept != path  # the file is named after the VAE and the scale
+    cache.path = path
+    assert cache.save() is None and path.is_file()
+    again = LatentCache(vae, data, 0.5, path)
+    torch.testing.assert_close(again(torch.tensor([0, 1]), ids), got, atol=0, rtol=0)
+    assert not again.added  # nothing encoded
+    data.video(1)["frames"][1] = 255 - data.video(1)["frames"][1]  # a video prepared again, differently
+    try:
+        changed = LatentCache(vae, data, 0.5, path)
+        fresh = changed(torch.tensor([0, 1]), ids)
+        assert changed.added and set(changed.hashes) == set(again.hashes)
+        torch.testing.assert_close(fresh[0], got[0], atol=0, rtol=0)
+        assert not torch.allclose(fresh[1], got[1])  # frame 1 of video 1 changed and was encoded again
+    finally:
+        data.video(1)["frames"][1] = 255 - data.video(1)["frames"][1]
+
 
 def test_resume_continues_and_mismatches_are_refused(workdir):
     root, _ = workdir
