@@ -170,6 +170,10 @@ def run_generate(args) -> Path:
     from .video import VideoWriter
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    # the user's files first: a wrong path or an unreadable file is reported before the model loads
+    sound, rate = read_audio(args.audio)  # decoded once: 16 kHz mono for the model, as it is for the video
+    waveform = to_mono(sound, rate)
+    original = load_image(args.image)
     model, vae, encoder = load_pipeline(args.checkpoint, args.vae, args.audio_encoder, dtype, device)
     size = args.size or model.cfg.size
     cfg = model.cfg
@@ -177,11 +181,8 @@ def run_generate(args) -> Path:
           f"seed {args.seed}", file=sys.stderr)
     fps = cfg.fps if args.fps is None else args.fps
 
-    sound, rate = read_audio(args.audio)  # decoded once: 16 kHz mono for the model, as it is for the video
-    waveform = to_mono(sound, rate)
     check_speech(waveform, fps)
     features, audio_length = encoder(waveform.to(encoder.model.device), fps=fps, clip_length=cfg.frames_per_clip)
-    original = load_image(args.image)
     crop, portrait, mask, face = frame_portrait(original, size, args)
     image = (portrait * 2 - 1).to(device=device, dtype=dtype)
     identity = portrait_identity(args, portrait, face) if cfg.identity_tokens else None

@@ -114,6 +114,14 @@ def test_main_command_reports_bad_input(tmp_path):
     run = subprocess.run([sys.executable, "-m", "emo_core", "generate", "--audio", str(tmp_path / "missing.wav"),
                           "--out", str(tmp_path / "x.mp4")], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode != 0 and "missing.wav" in run.stderr and "Traceback" not in run.stderr
+    # the user's files are read before the model: a damaged checkpoint is not what a wrong image path reports
+    (tmp_path / "model.safetensors").write_bytes(b"not a checkpoint")
+    run = subprocess.run([sys.executable, "-m", "emo_core", "generate", "--image", str(tmp_path / "missing.png"),
+                          "--checkpoint", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "x.mp4")],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0 and "missing.png" in run.stderr and "model.safetensors" not in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "x.mp4").exists()
 
 
 @pytest.fixture(scope="module")
