@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -209,15 +210,16 @@ class LatentCache:
         if path is not None and path.is_file():
             from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as f:
-                self.hashes = dict(f.metadata() or {})
-                self.stored = {k: f.get_tensor(k) for k in f.keys()}
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    self.hashes = dict(f.metadata() or {})
+                    self.stored = {k: f.get_tensor(k) for k in f.keys()}
+            except Exception:  # a damaged file: encode again, and `save` replaces it
+                self.stored, self.hashes = {}, {}
 
     @staticmethod
     def file_for(data: PreparedDataset, vae, scale: float) -> Path:
         """<prepared set>/latents/<hash of the VAE's weights and the scale>.safetensors"""
-        import hashlib
-
         h = hashlib.sha256(repr(float(scale)).encode())
         for name, tensor in vae.state_dict().items():
             h.update(name.encode())
@@ -234,8 +236,6 @@ class LatentCache:
         return torch.stack(out).to(next(self.vae.parameters()).device)
 
     def _load(self, v: int) -> torch.Tensor:
-        import hashlib
-
         frames = self.data.video(v)["frames"]  # (N, H, W, 3) uint8
         name = self.data.videos[v]["file"]
         digest = hashlib.sha256(frames.contiguous().numpy().tobytes()).hexdigest()

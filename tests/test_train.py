@@ -206,6 +206,11 @@ def test_cached_latents_are_the_encoded_frames(workdir):
         assert not torch.allclose(fresh[1], got[1])  # frame 1 of video 1 changed and was encoded again
     finally:
         data.video(1)["frames"][1] = 255 - data.video(1)["frames"][1]
+    path.write_bytes(b"damaged")  # an unreadable file is encoded again and replaced
+    damaged = LatentCache(vae, data, 0.5, path)
+    torch.testing.assert_close(damaged(torch.tensor([0, 1]), ids), got, atol=0, rtol=0)
+    assert damaged.added and damaged.save() is None and LatentCache(vae, data, 0.5, path).stored.keys() == {
+        data.videos[0]["file"], data.videos[1]["file"]}
 
 
 def test_resume_continues_and_mismatches_are_refused(workdir):
