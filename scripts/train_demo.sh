@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the bundled demo model (emo_core/assets/emo-demo.safetensors) from nothing with the project's own
 # commands, on CPU: synthetic talking faces -> data preparation -> small VAE -> stages 1, 2, 3 -> one bundled file.
-# About 50 minutes on 2 cores (measured: synthetic clips ~2.3, prepare 3.6, VAE 15.6, stages 8.4 + 11.5 + 8.1).
+# About 45 minutes on 2 cores (last run, on a day this machine ran ~20 % slow: 54 min = synthetic clips 3.4,
+# prepare 4.3, VAE 14.1, stages 8.4 + 13.6 + 9.5; the closing eval-synthetic adds ~11).
 # Work files go to out/demo-train/ (ignored by git).
 #   bash scripts/train_demo.sh [YUNET_WEIGHTS]     (default: ../shared/fixtures/face/yunet_final.pth)
 set -euo pipefail
@@ -19,7 +20,7 @@ mkdir -p "$work"
 workers=$(( $(nproc) > 2 ? $(nproc) : 2 ))
 "$py" -m emo_core prepare "$work/videos" "$work/prepared" --audio-encoder "$work/audio_encoder" \
     --face-detector "$face" --confidence 0.3 --size 64 --clip-frames 10 --max-speed 4 --workers "$workers"
-"$py" -m emo_core train-vae "$work/prepared" --out "$work/vae" --steps 2000 --batch-size 8 --lr 1e-3 --seed 0
+"$py" -m emo_core train-vae "$work/prepared" --out "$work/vae" --steps 1500 --batch-size 8 --lr 1e-3 --seed 0
 for stage in 1 2 3; do
     "$py" -m emo_core train "configs/train/demo_stage$stage.json"
 done
