@@ -150,12 +150,14 @@ def make_clip(seed: int, seconds: float = 4.0, fps: float = 25, size: int = 256,
     waveform, envelope = speech(seconds, seed)
     frames = int(round(seconds * fps))
     mouth = np.clip(frame_envelope(envelope, frames, fps) * 1.2, 0, 1)
-    # angles: a sum of two sines whose mean absolute rate of change is `speed` degrees per frame
+    # angles: yaw, pitch, roll, one sine each, whose mean absolute rate of change together is `speed` degrees per
+    # frame. Every head starts frontal and turns the same way first (phase 0), as a generated video starts from its
+    # frontal portrait: from the start of a video the motion is determined by the speed, not a coin toss a small
+    # model would average into a still head.
     t = np.arange(frames, dtype=np.float64)
     angles = []
     for amplitude, period in ((1.0, rng.uniform(40, 70)), (0.5, rng.uniform(15, 30)), (0.4, rng.uniform(20, 45))):
-        phase = rng.uniform(0, 2 * np.pi)
-        angles.append(amplitude * np.sin(2 * np.pi * t / period + phase))
+        angles.append(amplitude * np.sin(2 * np.pi * t / period))
     yaw, pitch, roll = angles
     rate = np.mean(np.linalg.norm(np.diff(np.stack(angles), axis=1), axis=0)) if frames > 1 else 1.0
     yaw, pitch, roll = (a * speed / max(rate, 1e-9) for a in (yaw, pitch, roll))

@@ -6,7 +6,8 @@
 * Stage 1 (images): one frame of a video is denoised with a random other frame as the reference. ReferenceNet,
   the Backbone's spatial layers and the face locator train; temporal modules and audio layers are not run.
 * Stage 2 (video): clips of n motion frames + f frames. Temporal modules and audio layers are added and trained
-  (with the audio projection); a fraction of the clips start with zero motion frames, as the first clip does.
+  (with the audio projection); a fraction of the clips are first clips: a video's start, its first frame as the
+  reference and no motion frames, as generation starts.
 * Stage 3 (speed): the speed layers are added; only the temporal modules and the speed layers train, the audio
   layers stay frozen.
 
@@ -71,7 +72,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no", "fp16", "bf16"
     gradient_checkpointing: bool = False
     uncond_prob: float = 0.1  # drop what the config's unconditional CFG row drops (audio, reference)
-    first_clip_prob: float = 0.1  # stage 2/3: zero motion frames, as for the first clip
+    first_clip_prob: float = 0.1  # stage 2/3: first-clip samples (a video's start, no motion frames)
     cache_latents: bool = False  # keep each frame's VAE latent in memory once encoded (small datasets: LatentCache)
     face_expand: float = 1.2
     noise_correlation: float | None = None  # set the model's noise_correlation (default: keep the init's)
@@ -131,7 +132,9 @@ def freeze_for_stage(model: nn.Module, stage: int, override: list | None = None)
 class ClipSamples(torch.utils.data.Dataset):
     """Index i -> one training sample, drawn with a generator seeded by (seed, i) (so a resumed run continues the
     same sequence). Stage 1: a target frame + a reference frame. Stages 2-3: n motion frames + f clip frames, a
-    reference frame, the audio windows of the clip frames and the head speed with its window margin."""
+    reference frame, the audio windows of the clip frames and the head speed with its window margin. A first-clip
+    sample (probability first_clip_prob) is the start of a video with its first frame as the reference, the way
+    generation starts from the portrait."""
 
     def __init__(self, data: PreparedDataset, stage: int, cfg: EMOConfig, face_expand: float, first_clip_prob: float,
                  uncond_prob: float, seed: int, length: int):
@@ -158,9 +161,17 @@ class ClipSamples(torch.utils.data.Dataset):
         size = video["frames"].shape[1]
         reference = int(rng.integers(total))
         drop = bool(rng.random() < self.uncond_prob)
+        first = self.stage > 1 and bool(rng.random() < self.first_clip_prob)
         if self.stage == 1:
             frames = [int(rng.integers(total))]
             motion = 0
+        elif first:
+            # the first clip of a generated video: it starts at the reference image, with no motion frames (their
+            # places hold copies of frame 0; the model masks them out). So the clip is the video's start and the
+            # reference its first frame.
+            motion, clip = self.cfg.motion_frames, self.cfg.frames_per_clip
+            reference = 0
+            frames = [0] * motion + list(range(clip))
         else:
             motion, clip = self.cfg.motion_frames, self.cfg.frames_per_clip
             start = int(rng.integers(total - motion - clip + 1))
@@ -174,7 +185,7 @@ class ClipSamples(torch.utils.data.Dataset):
             # the paper's face-locator mask: the union of the clip's expanded face boxes, (1, H, W)
             "mask": face_locator_masks(boxes, size, size, len(boxes), self.face_expand)[0],
             "drop": torch.tensor(drop),
-            "first": torch.tensor(self.stage > 1 and bool(rng.random() < self.first_clip_prob)),
+            "first": torch.tensor(first),
         }
         if self.stage > 1:
             m = self.cfg.audio.window

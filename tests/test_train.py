@@ -13,7 +13,7 @@ from emo_core.checkpoint import CheckpointError, load_checkpoint, load_model, re
 from emo_core.data import PreparedDataset, prepare
 from emo_core.face import YuNetDetector
 from emo_core.synthetic import speech, write_clip
-from emo_core.train import TrainConfig, bundle, train, train_vae, trainable_names
+from emo_core.train import TrainConfig, _pixels, bundle, train, train_vae, trainable_names
 from emo_core.video import VideoWriter
 
 from .conftest import face_fixture_dir
@@ -162,12 +162,38 @@ def test_three_stages_train_what_the_paper_trains(workdir):
     assert set(start) == set(stage1)
 
 
+def test_first_clip_samples_start_the_video_from_its_first_frame(workdir):
+    """A first-clip sample is what generation does first: the video's start, its first frame as the reference, no
+    motion frames. Other clips start anywhere, with a random reference."""
+    from emo_core.config import preset
+    from emo_core.train import ClipSamples
+
+    root, _ = workdir
+    cfg = preset("tiny")
+    m, f = cfg.motion_frames, cfg.frames_per_clip
+    data = PreparedDataset(root / "prepared")
+    first = ClipSamples(data, 2, cfg, 1.1, first_clip_prob=1.0, uncond_prob=0.0, seed=0, length=8)
+    for item in first:
+        assert item["first"] and item["reference_id"] == 0
+        assert item["frame_ids"].tolist() == [0] * m + list(range(f))
+        frames = data.video(int(item["video"]))["frames"]
+        torch.testing.assert_close(item["reference"], _pixels(frames[0]))
+        torch.testing.assert_close(item["frames"][m:], _pixels(frames[:f]))
+    later = [ClipSamples(data, 2, cfg, 1.1, first_clip_prob=0.0, uncond_prob=0.0, seed=0, length=16)[i]
+             for i in range(16)]
+    assert not any(item["first"] for item in later)
+    assert len({int(item["frame_ids"][0]) for item in later}) > 1 and any(item["reference_id"] for item in later)
+    for item in later:
+        start = int(item["frame_ids"][0])
+        assert item["frame_ids"].tolist() == list(range(start, start + m + f))
+
+
 def test_cached_latents_are_the_encoded_frames(workdir):
     """cache_latents: every frame encoded once and kept; the training run sees the latents it would have encoded."""
     from diffusers import AutoencoderKL
 
     from emo_core.data import PreparedDataset
-    from emo_core.train import LatentCache, _pixels, encode_latents
+    from emo_core.train import LatentCache, encode_latents
 
     root, _ = workdir
     data = PreparedDataset(root / "prepared")
