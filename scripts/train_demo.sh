@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces the bundled demo model (emo_core/assets/emo-demo.safetensors) from nothing with the project's own
 # commands, on CPU: synthetic talking faces -> data preparation -> small VAE -> stages 1, 2, 3 -> one bundled file.
-# About 45 minutes on 2 cores (last run, on a day this machine ran ~20 % slow: 54 min = synthetic clips 3.4,
-# prepare 4.3, VAE 14.1, stages 8.4 + 13.6 + 9.5; the closing eval-synthetic adds ~11).
+# About 45 minutes on 2 cores at this machine's morning speed of 2026-12-02; the last run, in a slow hour of that
+# day (every step 15-50 % slower than in the morning), took 57 min = synthetic clips 3.5, prepare 5.0, VAE 15.8,
+# stages 10.2 + 12.9 + 9.8; the closing eval-synthetic adds ~12.
 # Work files go to out/demo-train/ (ignored by git).
 #   bash scripts/train_demo.sh [YUNET_WEIGHTS]     (default: ../shared/fixtures/face/yunet_final.pth)
 set -euo pipefail
@@ -20,7 +21,7 @@ mkdir -p "$work"
 workers=$(( $(nproc) > 2 ? $(nproc) : 2 ))
 "$py" -m emo_core prepare "$work/videos" "$work/prepared" --audio-encoder "$work/audio_encoder" \
     --face-detector "$face" --confidence 0.3 --size 64 --clip-frames 10 --max-speed 4 --workers "$workers"
-"$py" -m emo_core train-vae "$work/prepared" --out "$work/vae" --steps 1500 --batch-size 8 --lr 1e-3 --seed 0
+"$py" -m emo_core train-vae "$work/prepared" --out "$work/vae" --steps 1300 --batch-size 8 --lr 1e-3 --seed 0
 for stage in 1 2 3; do
     "$py" -m emo_core train "configs/train/demo_stage$stage.json"
 done
