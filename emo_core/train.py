@@ -165,17 +165,17 @@ class ClipSamples(torch.utils.data.Dataset):
         if self.stage == 1:
             frames = [int(rng.integers(total))]
             motion = 0
-        elif first:
-            # the first clip of a generated video: it starts at the reference image, with no motion frames (their
-            # places hold copies of frame 0; the model masks them out). So the clip is the video's start and the
-            # reference its first frame.
-            motion, clip = self.cfg.motion_frames, self.cfg.frames_per_clip
-            reference = 0
-            frames = [0] * motion + list(range(clip))
         else:
             motion, clip = self.cfg.motion_frames, self.cfg.frames_per_clip
-            start = int(rng.integers(total - motion - clip + 1))
-            frames = list(range(start, start + motion + clip))
+            if first:
+                # the first clip of a generated video: it starts at the reference image, with no motion frames
+                # (their places hold copies of frame 0; the model masks them out). So the clip is the video's start
+                # and the reference its first frame.
+                reference = 0
+                frames = [0] * motion + list(range(clip))
+            else:
+                start = int(rng.integers(total - motion - clip + 1))
+                frames = list(range(start, start + motion + clip))
         clip_frames = frames[motion:]
         boxes = [tuple(video["boxes"][f].tolist()) for f in clip_frames]
         item = {

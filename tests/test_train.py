@@ -173,14 +173,14 @@ def test_first_clip_samples_start_the_video_from_its_first_frame(workdir):
     m, f = cfg.motion_frames, cfg.frames_per_clip
     data = PreparedDataset(root / "prepared")
     first = ClipSamples(data, 2, cfg, 1.1, first_clip_prob=1.0, uncond_prob=0.0, seed=0, length=8)
-    for item in first:
+    for item in (first[i] for i in range(len(first))):  # a Dataset has no end of its own for a for loop
         assert item["first"] and item["reference_id"] == 0
         assert item["frame_ids"].tolist() == [0] * m + list(range(f))
         frames = data.video(int(item["video"]))["frames"]
         torch.testing.assert_close(item["reference"], _pixels(frames[0]))
         torch.testing.assert_close(item["frames"][m:], _pixels(frames[:f]))
-    later = [ClipSamples(data, 2, cfg, 1.1, first_clip_prob=0.0, uncond_prob=0.0, seed=0, length=16)[i]
-             for i in range(16)]
+    others = ClipSamples(data, 2, cfg, 1.1, first_clip_prob=0.0, uncond_prob=0.0, seed=0, length=16)
+    later = [others[i] for i in range(len(others))]
     assert not any(item["first"] for item in later)
     assert len({int(item["frame_ids"][0]) for item in later}) > 1 and any(item["reference_id"] for item in later)
     for item in later:
