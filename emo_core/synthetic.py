@@ -79,16 +79,26 @@ def frame_envelope(envelope: np.ndarray, frames: int, fps: float, rate: int = SA
 
 def render(identity: Identity, size: int, mouth: float, yaw: float, pitch: float, roll: float,
            blink: float) -> Image.Image:
-    """One frame. mouth and blink in [0, 1]; yaw/pitch/roll in degrees (yaw moves the features sideways and
-    narrows the face, pitch moves them vertically, roll rotates the head)."""
+    """One frame. mouth and blink in [0, 1]; yaw/pitch/roll in degrees. The eyes, brows, nose and mouth are points
+    on the front of the head at the depths of a real face (the nose tip in front of the eyes and mouth), turned
+    by yaw and pitch and projected, so a turn moves them by their depth times the sine of the angle, the nose most;
+    the face narrows with the yaw; roll tilts the whole head about the neck."""
     scale = 4  # draw large, then downsample: smooth edges
     s = size * scale
     img = Image.new("RGB", (s, s), identity.background)
     d = ImageDraw.Draw(img)
     cx, cy = s / 2, s * 0.46
     fw, fh = identity.face_width * s * math.cos(math.radians(yaw)) ** 0.5, identity.face_height * s
-    dx = math.sin(math.radians(yaw)) * fw * 0.55  # features follow the turn
-    dy = math.sin(math.radians(pitch)) * fh * 0.45
+    sy, cyw = math.sin(math.radians(yaw)), math.cos(math.radians(yaw))
+    sp, cp = math.sin(math.radians(pitch)), math.cos(math.radians(pitch))
+    depth = identity.face_width * s  # of the eyes and mouth in front of the head's vertical axis
+
+    def at(x: float, y: float, z: float) -> tuple:
+        # a point of the frontal face, x right and y down from the head centre, z towards the camera (pixels)
+        # -> where it is seen: turned by the yaw about the vertical axis, then by the pitch about the horizontal one
+        x, z = x * cyw + z * sy, z * cyw - x * sy
+        return cx + x, cy + y * cp + z * sp
+
     d.ellipse([cx - 0.75 * s, cy + 0.28 * s, cx + 0.75 * s, cy + 0.95 * s], fill=identity.shirt)  # shoulders
     d.rectangle([cx - 0.08 * s, cy + 0.2 * s, cx + 0.08 * s, cy + 0.36 * s], fill=identity.skin)  # neck
     head = Image.new("RGBA", (s, s), (0, 0, 0, 0))
@@ -102,25 +112,27 @@ def render(identity: Identity, size: int, mouth: float, yaw: float, pitch: float
         for side in (-1, 1):
             h.ellipse([cx + side * fw * 0.95 - fw * 0.2, cy - fh * 0.5, cx + side * fw * 0.95 + fw * 0.2,
                        cy + fh * 0.1], fill=identity.hair)
-    ex, ey = identity.eye_spacing * s, cy - fh * 0.12 + dy
+    ex = identity.eye_spacing * s
     for side in (-1, 1):
-        x = cx + side * ex + dx
+        x, ey = at(side * ex, -fh * 0.12, depth * 0.75)
+        rx = fw * cyw  # the eyes narrow as they turn away
         open_ = 0.5 * (1 - blink) + 0.02
-        h.ellipse([x - fw * 0.2, ey - fh * 0.09 * open_ * 2, x + fw * 0.2, ey + fh * 0.09 * open_ * 2],
+        h.ellipse([x - rx * 0.2, ey - fh * 0.09 * open_ * 2, x + rx * 0.2, ey + fh * 0.09 * open_ * 2],
                   fill=(245, 245, 245))
         if blink < 0.8:
-            h.ellipse([x - fw * 0.09, ey - fh * 0.07 * open_ * 2, x + fw * 0.09, ey + fh * 0.07 * open_ * 2],
+            h.ellipse([x - rx * 0.09, ey - fh * 0.07 * open_ * 2, x + rx * 0.09, ey + fh * 0.07 * open_ * 2],
                       fill=identity.iris)
-        h.line([x - fw * 0.22, ey - fh * 0.16, x + fw * 0.2, ey - fh * 0.18], fill=identity.hair,
-               width=max(1, int(0.012 * s)))
-    nx, ny = cx + dx * 1.2, cy + fh * 0.18 + dy
-    h.polygon([(nx, ny - fh * 0.22), (nx - fw * 0.12, ny), (nx + fw * 0.12, ny)], fill=_shade(identity.skin, 0.85))
-    my = cy + fh * 0.5 + dy
-    mw, mh = fw * 0.42, fh * (0.03 + 0.22 * mouth)
-    h.ellipse([cx + dx - mw, my - mh, cx + dx + mw, my + mh], fill=identity.lips)
+        h.line([at(side * ex - fw * 0.22, -fh * 0.28, depth * 0.8), at(side * ex + fw * 0.2, -fh * 0.30, depth * 0.8)],
+               fill=identity.hair, width=max(1, int(0.012 * s)))
+    tip, top = at(0, fh * 0.18, depth * 1.2), at(0, fh * -0.04, depth * 0.85)
+    h.polygon([top, (tip[0] - fw * 0.12 * cyw, tip[1]), (tip[0] + fw * 0.12 * cyw, tip[1])],
+              fill=_shade(identity.skin, 0.85))
+    mx, my = at(0, fh * 0.5, depth * 0.85)
+    mw, mh = fw * 0.42 * cyw, fh * (0.03 + 0.22 * mouth)
+    h.ellipse([mx - mw, my - mh, mx + mw, my + mh], fill=identity.lips)
     if mouth > 0.08:
-        h.ellipse([cx + dx - mw * 0.8, my - mh * 0.7, cx + dx + mw * 0.8, my + mh * 0.7], fill=(60, 20, 25))
-    head = head.rotate(-roll, resample=Image.BICUBIC, center=(cx, cy))
+        h.ellipse([mx - mw * 0.8, my - mh * 0.7, mx + mw * 0.8, my + mh * 0.7], fill=(60, 20, 25))
+    head = head.rotate(-roll, resample=Image.BICUBIC, center=(cx, cy + fh * 0.9))  # about the neck
     img.paste(head, (0, 0), head)
     return img.resize((size, size), Image.LANCZOS).filter(ImageFilter.GaussianBlur(0.4))
 

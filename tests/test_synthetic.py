@@ -58,3 +58,36 @@ def test_parallel_writing_gives_the_same_files(tmp_path):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     assert json.loads((tmp_path / "two" / "synthetic_00041.json").read_text())["speed"] == 2.0
     assert torch.get_num_threads() == threads  # only the worker processes run on one thread
+
+
+def test_the_turn_is_what_the_landmark_measurement_sees():
+    """Data preparation measures the head speed from YuNet's five landmarks (face.head_pose): the rendered turn must
+    be one that measurement reads, with about its true size, and a faster head must read faster."""
+    import torch
+    from .conftest import face_fixture_dir
+
+    from emo_core.evaluate import head_speed
+    from emo_core.face import YuNetDetector, head_pose
+    from emo_core.synthetic import Identity, render
+
+    detector = YuNetDetector(face_fixture_dir() / "yunet_final.pth", confidence=0.3)  # as the demo recipe prepares
+
+    identity = Identity.sample(np.random.default_rng(7))
+    angles = (-20.0, -10.0, 0.0, 10.0, 20.0)
+    for axis in ("yaw", "roll"):
+        measured = []
+        for angle in angles:
+            pose = {"yaw": 0.0, "pitch": 0.0, "roll": 0.0, axis: angle}
+            image = torch.from_numpy(np.array(render(identity, 128, 0.1, blink=0.0, **pose)))
+            face = detector.detect(image.permute(2, 0, 1)[None].float() / 255)[0][0]
+            measured.append(float(head_pose(face.landmarks)[("yaw", "pitch", "roll").index(axis)]))
+        steps = np.diff(measured)
+        assert (steps > 0).all() or (steps < 0).all(), (axis, measured)  # monotonic (yaw's sign is a convention)
+        assert 24 < abs(measured[-1] - measured[0]) < 70, (axis, measured)  # 40 degrees rendered: 0.6x-1.75x
+
+    def speed(requested):
+        frames = make_clip(7, seconds=1.2, size=128, speed=requested)[0]
+        return head_speed(detector, torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255)
+
+    slow, fast = speed(0.5), speed(3.0)
+    assert fast > 3 * slow and fast > 1.2, (slow, fast)
