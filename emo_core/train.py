@@ -102,6 +102,14 @@ class TrainConfig:
             raise ValueError(f"{path}: stage must be 1, 2 or 3, got {cfg.stage}")
         if cfg.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"{path}: mixed_precision must be no, fp16 or bf16")
+        for name in ("uncond_prob", "first_clip_prob"):
+            if not 0 <= getattr(cfg, name) <= 1:
+                raise ValueError(f"{path}: {name} is a probability, between 0 and 1; got {getattr(cfg, name)}")
+        for name in ("steps", "batch_size", "gradient_accumulation", "save_every", "log_every"):
+            if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+                raise ValueError(f"{path}: {name} must be a whole number of at least 1, got {getattr(cfg, name)!r}")
+        if not cfg.learning_rate > 0 or cfg.warmup_steps < 0:
+            raise ValueError(f"{path}: learning_rate must be above 0 and warmup_steps at least 0")
         return cfg
 
 

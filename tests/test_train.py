@@ -109,6 +109,25 @@ def _config(root, stage, out, init="scratch", steps=3, **extra):
     return TrainConfig.load(path)
 
 
+def test_config_values_out_of_range_are_refused(tmp_path):
+    good = dict(stage=2, data="d", vae="v", output="o")
+    assert TrainConfig.load(_write(tmp_path / "good.json", good)).first_clip_prob == 0.1
+    for bad, message in (({"first_clip_prob": 1.5}, "first_clip_prob is a probability"),
+                         ({"uncond_prob": -0.1}, "uncond_prob is a probability"),
+                         ({"steps": 0}, "steps must be a whole number"),
+                         ({"batch_size": 2.5}, "batch_size must be a whole number"),
+                         ({"learning_rate": 0}, "learning_rate must be above 0"),
+                         ({"stage": 4}, "stage must be 1, 2 or 3"),
+                         ({"mixed_precison": "no"}, "unknown settings")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.load(_write(tmp_path / "bad.json", {**good, **bad}))
+
+
+def _write(path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
 def _snapshot(path):
     _, state_dict, _ = load_checkpoint(path)
     return state_dict
