@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Reproduces the bundled demo model (emo_core/assets/emo-demo.safetensors) from nothing with the project's own
 # commands, on CPU: synthetic talking faces -> data preparation -> small VAE -> stages 1, 2, 3 -> one bundled file.
-# About 45 minutes on 2 cores at this machine's morning speed of 2026-12-02; the last run, in a slow hour of that
-# day (every step 15-50 % slower than in the morning), took 57 min = synthetic clips 3.5, prepare 5.0, VAE 15.8,
-# stages 10.2 + 12.9 + 9.8; the closing eval-synthetic adds ~12.
+# About 47 minutes on 2 cores at this machine's morning speed of 2026-12-02; the run that made the shipped file, in
+# a slow hour of that afternoon (VAE steps 0.86 s against 0.63 s in the morning, stage steps 30-45 % slower), took
+# 66 min = synthetic clips 4.1, prepare 6.5, VAE 18.7, stages 12.0 + 14.2 + 9.5; the closing eval-synthetic adds
+# 12-18.
 # Work files go to out/demo-train/ (ignored by git).
 #   bash scripts/train_demo.sh [YUNET_WEIGHTS]     (default: ../shared/fixtures/face/yunet_final.pth)
 set -euo pipefail
