@@ -111,7 +111,7 @@ def _config(root, stage, out, init="scratch", steps=3, **extra):
 
 def test_config_values_out_of_range_are_refused(tmp_path):
     good = dict(stage=2, data="d", vae="v", output="o")
-    assert TrainConfig.load(_write(tmp_path / "good.json", good)).first_clip_prob == 0.1
+    assert TrainConfig.load(_json_file(tmp_path / "good.json", good)).first_clip_prob == 0.1
     for bad, message in (({"first_clip_prob": 1.5}, "first_clip_prob is a probability"),
                          ({"uncond_prob": -0.1}, "uncond_prob is a probability"),
                          ({"steps": 0}, "steps must be a whole number"),
@@ -120,10 +120,10 @@ def test_config_values_out_of_range_are_refused(tmp_path):
                          ({"stage": 4}, "stage must be 1, 2 or 3"),
                          ({"mixed_precison": "no"}, "unknown settings")):
         with pytest.raises(ValueError, match=message):
-            TrainConfig.load(_write(tmp_path / "bad.json", {**good, **bad}))
+            TrainConfig.load(_json_file(tmp_path / "bad.json", {**good, **bad}))
 
 
-def _write(path, data):
+def _json_file(path, data):
     path.write_text(json.dumps(data))
     return path
 
