@@ -103,14 +103,21 @@ class TrainConfig:
         if cfg.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"{path}: mixed_precision must be no, fp16 or bf16")
         for name in ("uncond_prob", "first_clip_prob"):
-            if not 0 <= getattr(cfg, name) <= 1:
-                raise ValueError(f"{path}: {name} is a probability, between 0 and 1; got {getattr(cfg, name)}")
-        for name in ("steps", "batch_size", "gradient_accumulation", "save_every", "log_every"):
-            if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
-                raise ValueError(f"{path}: {name} must be a whole number of at least 1, got {getattr(cfg, name)!r}")
-        if not cfg.learning_rate > 0 or cfg.warmup_steps < 0:
-            raise ValueError(f"{path}: learning_rate must be above 0 and warmup_steps at least 0")
+            if not (_is_number(getattr(cfg, name)) and 0 <= getattr(cfg, name) <= 1):
+                raise ValueError(f"{path}: {name} is a probability, between 0 and 1; got {getattr(cfg, name)!r}")
+        for name, least in (("steps", 1), ("batch_size", 1), ("gradient_accumulation", 1), ("save_every", 1),
+                            ("log_every", 1), ("warmup_steps", 0)):
+            if not (_is_number(getattr(cfg, name)) and isinstance(getattr(cfg, name), int)
+                    and getattr(cfg, name) >= least):
+                raise ValueError(f"{path}: {name} must be a whole number of at least {least}, "
+                                 f"got {getattr(cfg, name)!r}")
+        if not (_is_number(cfg.learning_rate) and cfg.learning_rate > 0):
+            raise ValueError(f"{path}: learning_rate must be a number above 0, got {cfg.learning_rate!r}")
         return cfg
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ---- choosing what trains ---------------------------------------------------------------------------------------

@@ -110,22 +110,19 @@ def _config(root, stage, out, init="scratch", steps=3, **extra):
 
 
 def test_config_values_out_of_range_are_refused(tmp_path):
-    good = dict(stage=2, data="d", vae="v", output="o")
-    assert TrainConfig.load(_json_file(tmp_path / "good.json", good)).first_clip_prob == 0.1
-    for bad, message in (({"first_clip_prob": 1.5}, "first_clip_prob is a probability"),
-                         ({"uncond_prob": -0.1}, "uncond_prob is a probability"),
-                         ({"steps": 0}, "steps must be a whole number"),
-                         ({"batch_size": 2.5}, "batch_size must be a whole number"),
-                         ({"learning_rate": 0}, "learning_rate must be above 0"),
-                         ({"stage": 4}, "stage must be 1, 2 or 3"),
-                         ({"mixed_precison": "no"}, "unknown settings")):
+    assert _config(tmp_path, 2, "good").first_clip_prob == 0.1
+    for stage, bad, message in ((2, {"first_clip_prob": 1.5}, "first_clip_prob is a probability"),
+                                (2, {"uncond_prob": -0.1}, "uncond_prob is a probability"),
+                                (2, {"uncond_prob": "0.1"}, "uncond_prob is a probability"),
+                                (2, {"steps": 0}, "steps must be a whole number"),
+                                (2, {"batch_size": 2.5}, "batch_size must be a whole number"),
+                                (2, {"warmup_steps": -1}, "warmup_steps must be a whole number of at least 0"),
+                                (2, {"learning_rate": 0}, "learning_rate must be a number above 0"),
+                                (2, {"learning_rate": "1e-3"}, "learning_rate must be a number above 0"),
+                                (4, {}, "stage must be 1, 2 or 3"),
+                                (2, {"mixed_precison": "no"}, "unknown settings")):
         with pytest.raises(ValueError, match=message):
-            TrainConfig.load(_json_file(tmp_path / "bad.json", {**good, **bad}))
-
-
-def _json_file(path, data):
-    path.write_text(json.dumps(data))
-    return path
+            _config(tmp_path, stage, "bad", **bad)
 
 
 def _snapshot(path):
