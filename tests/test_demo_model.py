@@ -39,9 +39,8 @@ def test_demo_clip_boundaries_are_as_smooth_as_inside_clips(metrics):
 
 def test_demo_faces_flicker_at_most_a_few_times_as_much_as_real_video(metrics):
     # Frame-to-frame change in the face box: 0.0318 generated vs 0.0138 for a real clip of the same people through
-    # the VAE (eval-synthetic --seed 0, see the issue note). The gap is the demo's
-    # main weakness; this guards it from growing (e.g. temporal modules that stop being used would leave every frame
-    # on its own).
+    # the VAE (eval-synthetic --seed 0, see the issue note). The gap is the demo's main weakness; this guards it from
+    # growing (e.g. temporal modules that stop being used would leave every frame on its own).
     assert metrics["flicker_real"] > 0 and metrics["flicker"] < 3 * metrics["flicker_real"]
 
 
