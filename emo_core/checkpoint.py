@@ -14,6 +14,7 @@ Pickles are only ever read with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from collections import Counter
@@ -258,14 +259,45 @@ def load_model(path, config: EMOConfig | None = None, dtype=torch.float32, devic
                        operations=operations)
 
 
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """safetensors.torch.save_file, and the file then gets the permissions any new file gets (0o666 less the
+    umask). safetensors 0.8 writes through a temporary file that is always 0o600 (safetensors issue #782): a model
+    trained by one user, or in a Docker build, could not be read by a ComfyUI that runs as another."""
+    kept = Path(path).stat().st_mode & 0o777 if Path(path).is_file() else None  # a file replaced keeps its mode
+    save_file(tensors, str(path), metadata=metadata)
+    if kept is None:
+        give_ordinary_mode(path)
+    else:
+        os.chmod(path, kept)
+
+
+def give_ordinary_mode(*paths) -> None:
+    """chmod each file to 0o666 less the process's umask: what open() would have created."""
+    umask = _umask()
+    for p in paths:
+        os.chmod(p, 0o666 & ~umask)
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (setting it briefly would race with other threads' new files)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o077)  # elsewhere: set a strict one for the moment it takes to read the old one
+    os.umask(umask)
+    return umask
+
+
 def save_checkpoint(model, path, metadata: dict | None = None, extra: dict | None = None, dtype=None) -> None:
     """Our format: one safetensors file, the config in its metadata. `extra`: more tensors under their own prefixes
     (the bundled VAE and audio encoder); `dtype`: store floating-point tensors in this precision."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in {**model.state_dict(), **(extra or {})}.items()}
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata={**(metadata or {}), "format": FORMAT_TAG,
-                                            "emo_config": model.cfg.to_json()})
+    save_safetensors(tensors, path, metadata={**(metadata or {}), "format": FORMAT_TAG,
+                                              "emo_config": model.cfg.to_json()})
 
 
 def load_companions(path) -> dict:

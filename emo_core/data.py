@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 FORMAT = "emo-comfyui-dataset/1"
@@ -151,6 +150,8 @@ def prepare(videos: Path, out: Path, encoder, detector, size: int = 512, fps: fl
 
 def _prepare_one(job: tuple, encoder, detector) -> tuple:
     """One video of `prepare` -> (frames, note), or (None, reason) for a video that cannot be used."""
+    from .checkpoint import save_safetensors
+
     path, target, size, fps, centres, clip_frames, settings = job
     if target.is_file() and _settings(target) == settings:
         return _frame_count(target), "kept (prepared before)"
@@ -158,7 +159,7 @@ def _prepare_one(job: tuple, encoder, detector) -> tuple:
         data = prepare_video(path, encoder, detector, size, fps, centres, min_frames=clip_frames)
     except SkipVideo as e:
         return None, str(e)
-    save_file(data, str(target), metadata={"source": str(path), "settings": json.dumps(settings)})
+    save_safetensors(data, target, metadata={"source": str(path), "settings": json.dumps(settings)})
     frames = data["frames"].shape[0]
     return frames, (f"{frames} frames, face in {100 * float(data['found'].float().mean()):.0f}%, "
                     f"speed {float(data['speed'].mean()):.2f} deg/frame")

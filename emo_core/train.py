@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import DTYPES, CheckpointError, build_model, load_checkpoint, read_metadata, save_checkpoint
+from .checkpoint import (DTYPES, CheckpointError, build_model, give_ordinary_mode, load_checkpoint, read_metadata,
+                         save_checkpoint, save_safetensors)
 from .config import EMOConfig, preset
 from .data import PreparedDataset
 from .face import face_locator_masks
@@ -89,6 +90,9 @@ class TrainConfig:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read the training config {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a training config is a JSON object of settings ({{\"stage\": 1, ...}}), "
+                             f"got a {type(data).__name__} (see configs/train/ for complete examples)")
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)} - {"comment"}
         if unknown:
             raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
@@ -169,6 +173,8 @@ class ClipSamples(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, i):
+        if not 0 <= i < self.length:  # the end of the samples: `for` and list() over them stop
+            raise IndexError(f"sample {i} of {self.length}")
         rng = np.random.default_rng([self.seed, i])
         v = self.usable[int(rng.integers(len(self.usable)))]
         video = self.data.video(v)
@@ -276,12 +282,10 @@ class LatentCache:
         loses the speed-up."""
         if self.path is None or not self.added:
             return None
-        from safetensors.torch import save_file
-
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             part = self.path.with_suffix(".part")
-            save_file({k: t.contiguous() for k, t in self.stored.items()}, str(part), metadata=self.hashes)
+            save_safetensors({k: t.contiguous() for k, t in self.stored.items()}, part, metadata=self.hashes)
             part.replace(self.path)
         except OSError as e:
             return f"latents not kept on disk ({e})"
@@ -580,6 +584,7 @@ def _save(accelerator, step_fn, checkpoints: Path, step: int, out: Path, stage: 
     accelerator.wait_for_everyone()
     folder = checkpoints / f"step_{step:07d}"
     accelerator.save_state(str(folder))
+    give_ordinary_mode(*folder.glob("*.safetensors"))  # accelerate writes them with safetensors too
     if accelerator.is_main_process:
         (folder / "step.json").write_text(json.dumps({"step": step}))
         model = accelerator.unwrap_model(step_fn).model
@@ -687,6 +692,7 @@ def train_vae(data: PreparedDataset, out, steps: int = 3000, batch_size: int = 3
     psnr = float(10 * torch.log10(4 / F.mse_loss(recon.clamp(-1, 1), sample)))
     vae.register_to_config(scaling_factor=float(1 / latents.std()))
     vae.save_pretrained(out, safe_serialization=True)
+    give_ordinary_mode(*Path(out).glob("*.safetensors"))
     write_loss_plot(out / "log.csv", out / "loss.svg", "VAE")
     note = f" ({stopped})" if stopped else ""
     log(f"[train-vae] {step} steps in {time.perf_counter() - started:.0f}s{note}: reconstruction PSNR {psnr:.1f} dB, "
@@ -701,6 +707,7 @@ def new_audio_encoder(out, layers: int, hidden: int, seed: int = 0) -> Path:
 
     encoder = random_audio_encoder(layers, hidden, seed)
     encoder.model.save_pretrained(out, safe_serialization=True)
+    give_ordinary_mode(*Path(out).glob("*.safetensors"))
     return Path(out)
 
 

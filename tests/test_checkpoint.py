@@ -44,6 +44,25 @@ def test_our_format_round_trips(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+def test_saved_checkpoints_get_the_mode_of_any_new_file(tmp_path):
+    """safetensors 0.8 writes every file 0o600 whatever the umask (its issue #782): a model trained by one user would
+    be unreadable to a ComfyUI running as another. Ours get what open() gives; a file replaced keeps its mode."""
+    model = EMONet(preset("tiny"))
+    path = tmp_path / "tiny.safetensors"
+    umask = os.umask(0o027)
+    try:
+        save_checkpoint(model, path)
+        assert path.stat().st_mode & 0o777 == 0o640
+        os.umask(0o022)
+        save_checkpoint(model, tmp_path / "other.safetensors")
+        assert (tmp_path / "other.safetensors").stat().st_mode & 0o777 == 0o644
+        path.chmod(0o600)  # the owner made it private: saving over it keeps it private
+        save_checkpoint(model, path)
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(umask)
+
+
 def test_a_checkpoint_of_another_model_names_the_keys(tmp_path):
     model = EMONet(preset("tiny"))
     path = tmp_path / "tiny.safetensors"

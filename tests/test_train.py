@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -66,6 +67,14 @@ def test_prepare_keeps_good_videos_and_reports_bad_ones(workdir):
     assert bool((boxes[:, 2] > boxes[:, 0]).all()) and float(boxes.max()) <= SIZE * 1.5
 
 
+def test_prepared_videos_and_the_vae_are_readable_like_any_new_file(workdir):
+    root, index = workdir
+    umask = os.umask(0o022)
+    os.umask(umask)
+    files = [root / "prepared" / v["file"] for v in index["videos"]] + list((root / "vae").glob("*.safetensors"))
+    assert len(files) == 3 and {f.stat().st_mode & 0o777 for f in files} == {0o666 & ~umask}
+
+
 def test_prepare_in_parallel_writes_the_same_files(workdir, tmp_path):
     root, index = workdir
     encoder = Wav2Vec2Features.from_files(root / "encoder")
@@ -123,6 +132,10 @@ def test_config_values_out_of_range_are_refused(tmp_path):
                                 (2, {"mixed_precison": "no"}, "unknown settings")):
         with pytest.raises(ValueError, match=message):
             _config(tmp_path, stage, "bad", **bad)
+    listed = tmp_path / "listed.json"
+    listed.write_text(json.dumps([{"stage": 1}]))
+    with pytest.raises(ValueError, match="a training config is a JSON object of settings.*got a list"):
+        TrainConfig.load(listed)
 
 
 def _snapshot(path):
@@ -189,7 +202,8 @@ def test_first_clip_samples_start_the_video_from_its_first_frame(workdir):
     m, f = cfg.motion_frames, cfg.frames_per_clip
     data = PreparedDataset(root / "prepared")
     first = ClipSamples(data, 2, cfg, 1.1, first_clip_prob=1.0, uncond_prob=0.0, seed=0, length=8)
-    for item in (first[i] for i in range(len(first))):  # a Dataset has no end of its own for a for loop
+    assert len(list(first)) == len(first)  # iterating stops at the end
+    for item in first:
         assert item["first"] and item["reference_id"] == 0
         assert item["frame_ids"].tolist() == [0] * m + list(range(f))
         frames = data.video(int(item["video"]))["frames"]
