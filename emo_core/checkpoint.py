@@ -13,6 +13,7 @@ Pickles are only ever read with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -257,6 +258,16 @@ def load_model(path, config: EMOConfig | None = None, dtype=torch.float32, devic
     config, state_dict, looks_like = load_checkpoint(path, config)
     return build_model(config, state_dict, Path(path).name, looks_like, dtype=dtype, device=device,
                        operations=operations)
+
+
+def weights_fingerprint(module: torch.nn.Module, salt: bytes = b"") -> str:
+    """16 hex digits of a hash of a module's weights (names and bytes): which VAE or wav2vec2 a latent cache or a
+    prepared dataset was made with."""
+    h = hashlib.sha256(salt)
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:

@@ -23,12 +23,15 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
+
+from .checkpoint import weights_fingerprint
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 FORMAT = "emo-comfyui-dataset/1"
@@ -111,9 +114,10 @@ def prepare(videos: Path, out: Path, encoder, detector, size: int = 512, fps: fl
     centres = centres or SpeedConfig().centres()
     settings = {"size": size, "fps": fps, "audio_layers": encoder.layers,
                 "audio_channels": encoder.model.config.hidden_size, "speed_centres": centres,
-                "head_speed": HEAD_SPEED_METHOD}
+                "head_speed": HEAD_SPEED_METHOD, "audio_encoder": weights_fingerprint(encoder.model)}
+    _refuse_other_settings(out, settings)
     (out / "videos").mkdir(parents=True, exist_ok=True)
-    names = [p.relative_to(videos).with_suffix("").as_posix().replace("/", "__") for p in files]
+    names = _file_names(videos, files)
     jobs = [(path, out / "videos" / f"{name}.safetensors", size, fps, centres, clip_frames, settings)
             for path, name in zip(files, names)]
     index = {"format": FORMAT, **settings, "videos": [], "skipped": [], "clips": [], "clip_frames": clip_frames}
@@ -148,18 +152,53 @@ def prepare(videos: Path, out: Path, encoder, detector, size: int = 512, fps: fl
     return index
 
 
+def _file_names(videos: Path, files: list) -> list:
+    """Prepared-file names: the path under the video folder without its suffix, folders joined by "__"; videos
+    that would share a name (a.mp4 and a.mov) keep their suffix too (a__mp4, a__mov)."""
+    names = [p.relative_to(videos).with_suffix("").as_posix().replace("/", "__") for p in files]
+    shared = {n for n, count in Counter(names).items() if count > 1}
+    names = [f"{n}__{p.suffix[1:].lower()}" if n in shared else n for n, p in zip(names, files)]
+    clash = [n for n, count in Counter(names).items() if count > 1]
+    if clash:
+        raise ValueError(f"videos under {videos} would be prepared into the same file {clash[0]}.safetensors "
+                         f"(names that differ only in the case of their suffix): rename one of them")
+    return names
+
+
+def _refuse_other_settings(out: Path, settings: dict):
+    """A prepared set is made with one set of settings: preparing into it with others would replace it file by
+    file (a mixture, if stopped half-way). Settings an older index does not record are not compared."""
+    try:
+        before = json.loads((out / "dataset.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    differ = [k for k in settings if k in before and before[k] != settings[k]]
+    if differ:
+        said = ", ".join(f"{k} {before[k]!r} (now {settings[k]!r})" for k in differ)
+        raise ValueError(f"{out} was prepared with other settings: {said}. Prepare into another folder, or delete "
+                         f"{out} to prepare it again with these (nothing was changed)")
+
+
+def _source_stamp(path: Path) -> str:
+    stat = path.stat()
+    return json.dumps({"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+
+
 def _prepare_one(job: tuple, encoder, detector) -> tuple:
-    """One video of `prepare` -> (frames, note), or (None, reason) for a video that cannot be used."""
+    """One video of `prepare` -> (frames, note), or (None, reason) for a video that cannot be used. A file
+    prepared before is kept when its settings and its source video (size and modification time) are the same."""
     from .checkpoint import save_safetensors
 
     path, target, size, fps, centres, clip_frames, settings = job
-    if target.is_file() and _settings(target) == settings:
+    stamp = _source_stamp(path)
+    if target.is_file() and _metadata(target) == (settings, stamp):
         return _frame_count(target), "kept (prepared before)"
     try:
         data = prepare_video(path, encoder, detector, size, fps, centres, min_frames=clip_frames)
     except SkipVideo as e:
         return None, str(e)
-    save_safetensors(data, target, metadata={"source": str(path), "settings": json.dumps(settings)})
+    save_safetensors(data, target, metadata={"source": str(path), "settings": json.dumps(settings),
+                                             "source_stamp": stamp})
     frames = data["frames"].shape[0]
     return frames, (f"{frames} frames, face in {100 * float(data['found'].float().mean()):.0f}%, "
                     f"speed {float(data['speed'].mean()):.2f} deg/frame")
@@ -178,12 +217,14 @@ def _prepare_in_worker(job: tuple) -> tuple:
     return _prepare_one(job, *_worker_tools)
 
 
-def _settings(path: Path) -> dict | None:
+def _metadata(path: Path) -> tuple:
+    """(settings, source stamp) a prepared file was made with; (None, None) for a damaged file (prepare again)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("settings", "null"))
-    except Exception:  # damaged file from an interrupted run: prepare it again
-        return None
+            meta = f.metadata() or {}
+        return json.loads(meta.get("settings", "null")), meta.get("source_stamp")
+    except Exception:
+        return None, None
 
 
 def _frame_count(path: Path) -> int:
@@ -201,7 +242,11 @@ class PreparedDataset:
         if not index_file.is_file():
             raise FileNotFoundError(f"{index_file} not found: run `python -m emo_core prepare VIDEOS {self.root}` "
                                     f"first")
-        self.index = json.loads(index_file.read_text())
+        try:
+            self.index = json.loads(index_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{index_file} cannot be read ({e}): run `python -m emo_core prepare VIDEOS "
+                             f"{self.root}` again (it keeps the videos already prepared)") from None
         if self.index.get("format") != FORMAT:
             raise ValueError(f"{index_file} is not a dataset prepared by this pack (format "
                              f"{self.index.get('format')!r})")
@@ -219,11 +264,28 @@ class PreparedDataset:
         if i in self._cache:
             return self._cache[i]
         path = self.root / self.videos[i]["file"]
-        with safe_open(str(path), framework="pt") as f:
-            data = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                data = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # missing, truncated or overwritten file
+            raise ValueError(self._damaged(path, e)) from None
         if self.keep_in_memory:
             self._cache[i] = data
         return data
+
+    def check(self):
+        """Open every prepared file's header, so that a missing or damaged file stops a run before it starts."""
+        for v in self.videos:
+            path = self.root / v["file"]
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    f.get_slice("frames")
+            except Exception as e:
+                raise ValueError(self._damaged(path, e)) from None
+
+    def _damaged(self, path: Path, error: Exception) -> str:
+        return (f"the prepared video {path} cannot be read ({error}): run `python -m emo_core prepare` into "
+                f"{self.root} again; it keeps the good files and prepares this one again")
 
 
 def main(argv=None):

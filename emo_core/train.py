@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import (DTYPES, CheckpointError, build_model, give_ordinary_mode, load_checkpoint, read_metadata,
-                         save_checkpoint, save_safetensors)
+                         save_checkpoint, save_safetensors, weights_fingerprint)
 from .config import EMOConfig, preset
 from .data import PreparedDataset
 from .face import face_locator_masks
@@ -101,6 +101,10 @@ class TrainConfig:
                    if f.default is dataclasses.MISSING and f.name not in data]
         if missing:
             raise ValueError(f"{path}: missing settings {missing} (see configs/train/ for complete examples)")
+        for f in dataclasses.fields(cls):
+            if f.name in data and not _has_type(data[f.name], f.type):
+                raise ValueError(f"{path}: {f.name} must be {_type_words(f.type)}, got {data[f.name]!r} "
+                                 f"(see configs/train/ for complete examples)")
         cfg = cls(**data)
         if cfg.stage not in (1, 2, 3):
             raise ValueError(f"{path}: stage must be 1, 2 or 3, got {cfg.stage}")
@@ -117,11 +121,39 @@ class TrainConfig:
                                  f"got {getattr(cfg, name)!r}")
         if not (_is_number(cfg.learning_rate) and cfg.learning_rate > 0):
             raise ValueError(f"{path}: learning_rate must be a number above 0, got {cfg.learning_rate!r}")
+        if isinstance(cfg.latent_scale, str) and cfg.latent_scale != "vae":
+            raise ValueError(f"{path}: latent_scale is a number or \"vae\" (the VAE's scaling_factor), "
+                             f"got {cfg.latent_scale!r}")
+        if cfg.trainable is not None and not all(isinstance(n, str) and n for n in cfg.trainable):
+            raise ValueError(f"{path}: trainable is a list of parameter-name parts such as \"motion_modules\", "
+                             f"got {cfg.trainable!r}")
         return cfg
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_JSON_TYPES = {"int": "a whole number", "float": "a number", "str": "a string", "dict": "an object",
+               "list": "a list", "bool": "true or false", "None": "null"}
+
+
+def _has_type(value, annotation: str) -> bool:
+    """Whether a JSON value fits a TrainConfig annotation such as "int", "float | None" or "str | dict"."""
+    for name in annotation.split(" | "):
+        if name == "None" and value is None or name == "bool" and isinstance(value, bool):
+            return True
+        if name == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if name == "float" and _is_number(value):
+            return True
+        if name in ("str", "dict", "list") and isinstance(value, {"str": str, "dict": dict, "list": list}[name]):
+            return True
+    return False
+
+
+def _type_words(annotation: str) -> str:
+    return " or ".join(_JSON_TYPES[name] for name in annotation.split(" | "))
 
 
 # ---- choosing what trains ---------------------------------------------------------------------------------------
@@ -164,6 +196,10 @@ class ClipSamples(torch.utils.data.Dataset):
         self.usable = [i for i, v in enumerate(data.videos) if v["frames"] >= need + 1]
         if not self.usable:
             raise ValueError(f"no video in {data.root} has the {need + 1} frames a stage-{stage} sample needs")
+        if stage > 1 and float(data.index["fps"]) != float(cfg.fps):
+            raise ValueError(f"{data.root} was prepared at {data.index['fps']} fps, the model runs at {cfg.fps}: its "
+                             f"audio features and head speeds are per frame, so prepare the videos with --fps "
+                             f"{cfg.fps}")
         if data.index["audio_layers"] != cfg.audio.layers or data.index["audio_channels"] != cfg.audio.channels:
             raise ValueError(f"the dataset's audio features are {data.index['audio_layers']} layers x "
                              f"{data.index['audio_channels']} channels, the model expects {cfg.audio.layers} x "
@@ -252,11 +288,7 @@ class LatentCache:
     @staticmethod
     def file_for(data: PreparedDataset, vae, scale: float) -> Path:
         """<prepared set>/latents/<hash of the VAE's weights and the scale>.safetensors"""
-        h = hashlib.sha256(repr(float(scale)).encode())
-        for name, tensor in vae.state_dict().items():
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return data.root / "latents" / f"vae-{h.hexdigest()[:16]}.safetensors"
+        return data.root / "latents" / f"vae-{weights_fingerprint(vae, repr(float(scale)).encode())}.safetensors"
 
     def __call__(self, videos: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """videos (B,), frame indices (B, K) -> latents (B, K, 4, h, w) on the VAE's device."""
@@ -428,15 +460,21 @@ def _initial_model(cfg: TrainConfig, vae_scale: float | None):
 
 
 def _check_audio_encoder(path, data: PreparedDataset):
-    """The wav2vec2 named in the config must be the one the dataset's features were computed with (same shape)."""
+    """The wav2vec2 named in the config must be the one the dataset's features were computed with (the same shape
+    and, for sets that record it, the same weights)."""
     from .audio import Wav2Vec2Features
 
-    config = Wav2Vec2Features.from_files(path).model.config
-    have = (config.num_hidden_layers, config.hidden_size)
+    model = Wav2Vec2Features.from_files(path).model
+    have = (model.config.num_hidden_layers, model.config.hidden_size)
     want = (data.index["audio_layers"], data.index["audio_channels"])
     if have != want:
         raise ValueError(f"the audio encoder {path} has {have[0]} layers of width {have[1]}, but {data.root} was "
                          f"prepared with {want[0]} x {want[1]}: prepare the data with this encoder")
+    weights = weights_fingerprint(model)
+    if data.index.get("audio_encoder", weights) != weights:
+        raise ValueError(f"{data.root} was prepared with another wav2vec2 of the same shape as {path} (weights "
+                         f"{data.index['audio_encoder']}, this one {weights}): name the encoder the data was "
+                         f"prepared with, or prepare the data with this one")
 
 
 def _checkpoint_stage(path) -> int | None:
@@ -447,7 +485,6 @@ def _checkpoint_stage(path) -> int | None:
 def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = None, log=print) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
-    from diffusers import AutoencoderKL
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -456,7 +493,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(cfg.seed)
-    vae = AutoencoderKL.from_pretrained(cfg.vae, local_files_only=True).eval().requires_grad_(False)
+    vae = load_vae_folder(cfg.vae).eval().requires_grad_(False)
     vae.to(accelerator.device)
     model, origin = build_for_stage(cfg, getattr(vae.config, "scaling_factor", None))
     run = {"stage": cfg.stage, "model_config": model.cfg.to_dict(), "train_config": dataclasses.asdict(cfg)}
@@ -473,9 +510,15 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
                              f"this config is stage {cfg.stage} of {model.cfg.name!r}"
                              f"{' with other model settings: ' + ', '.join(differ) if differ else ''}. Use the "
                              f"run's own config, or a new output folder (nothing was changed)")
+        trained = before.get("train_config", {}).get("trainable")
+        if trained != cfg.trainable:
+            raise ValueError(f"cannot resume: {out} was trained with trainable {trained!r}, this config says "
+                             f"{cfg.trainable!r}; the saved optimizer state is for those parameters. Use the run's "
+                             f"own setting, or a new output folder (nothing was changed)")
     elif resume:
         raise ValueError(f"--resume: {out} holds no training run to continue")
     data = PreparedDataset(cfg.data)
+    data.check()
     if cfg.audio_encoder:
         _check_audio_encoder(cfg.audio_encoder, data)
         run["audio_encoder"] = cfg.audio_encoder
@@ -493,14 +536,14 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
     step_fn, optimizer, lr_scheduler = accelerator.prepare(step_fn, optimizer, lr_scheduler)
 
     step = 0
-    if resume:
-        latest = _latest_checkpoint(checkpoints)
-        if latest is None:
-            raise ValueError(f"--resume: {checkpoints} holds no saved state yet")
+    latest = _latest_checkpoint(checkpoints) if resume else None
+    if latest is not None:
         accelerator.load_state(str(latest))
         step = json.loads((latest / "step.json").read_text())["step"]
         log(f"[train] resumed {out} at step {step}")
-    elif accelerator.is_main_process:
+    elif resume:
+        log(f"[train] --resume: {out} was stopped before its first save; starting it from step 0")
+    if latest is None and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(run, indent=1))
         (out / "log.csv").write_text(LossLog.HEADER)
@@ -561,6 +604,16 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
                 break
     except KeyboardInterrupt:
         stopped = "interrupted"
+    except Exception:
+        bar.close()
+        if accelerator.num_processes == 1 and step > 0:  # (with more, the others would wait for it forever)
+            try:
+                _save(accelerator, step_fn, checkpoints, step, out, cfg.stage)
+                log(f"[train] stopped by an error at step {step}; the {step} steps done are saved, --resume "
+                    f"continues once the cause is mended")
+            except Exception as e:  # (a full disk, say): the first error is the one to report
+                log(f"[train] stopped by an error at step {step}, and saving failed too: {e}")
+        raise
     finally:
         bar.close()
     _save(accelerator, step_fn, checkpoints, step, out, cfg.stage)
@@ -629,6 +682,27 @@ def write_loss_plot(csv: Path, svg: Path, title: str, width: int = 640, height: 
 
 # ---- small companions for small models: a VAE and a wav2vec2 -------------------------------------------------
 
+def load_vae_folder(folder):
+    """The diffusers VAE folder `train-vae` writes (config.json + weights), with a clear error for anything else."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(folder)
+    what = "a diffusers VAE folder (config.json and diffusion_pytorch_model.safetensors, as train-vae writes)"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the VAE {folder} is not a folder: give {what}")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"the VAE folder {folder} has no readable config.json ({e}): give {what}") from None
+    if config.get("_class_name") != "AutoencoderKL":
+        raise ValueError(f"{folder} holds a {config.get('_class_name') or 'model without a class name'}, not a VAE: "
+                         f"give {what}")
+    if not any((folder / f"diffusion_pytorch_model.{ext}").is_file() for ext in ("safetensors", "bin")):
+        raise FileNotFoundError(f"the VAE folder {folder} has no weights (diffusion_pytorch_model.safetensors): "
+                                f"give {what}")
+    return AutoencoderKL.from_pretrained(folder, local_files_only=True)
+
+
 def small_vae(size: int, blocks: tuple = (32, 64, 64, 64)):
     """An AutoencoderKL of the SD layout (4 levels, 8x downsampling, 4 latent channels) with narrow blocks. Norms
     have 32 groups, as ComfyUI's VAE code assumes, so core VAE nodes can load it."""
@@ -640,7 +714,8 @@ def small_vae(size: int, blocks: tuple = (32, 64, 64, 64)):
 
 
 def train_vae(data: PreparedDataset, out, steps: int = 3000, batch_size: int = 32, learning_rate: float = 1e-3,
-              kl_weight: float = 1e-6, seed: int = 0, max_minutes: float | None = None, log=print) -> Path:
+              kl_weight: float = 1e-6, seed: int = 0, max_minutes: float | None = None, overwrite: bool = False,
+              log=print) -> Path:
     """Reconstruction (L2 + L1) of the posterior mean with a small KL term on the dataset's frames. EMO only ever
     uses the mean (training latents, the reference, motion frames), and decoding samples of a freshly initialised
     posterior (std 1) slows a short training down a lot. The scaling factor is set to 1 / std of the latents so
@@ -649,6 +724,7 @@ def train_vae(data: PreparedDataset, out, steps: int = 3000, batch_size: int = 3
     from tqdm.auto import tqdm
 
     out = Path(out)
+    _refuse_to_replace(out, "VAE", overwrite)
     torch.manual_seed(seed)
     frames = torch.cat([data.video(i)["frames"] for i in range(len(data.videos))])  # (N, H, W, 3) uint8
     size = frames.shape[1]
@@ -700,10 +776,12 @@ def train_vae(data: PreparedDataset, out, steps: int = 3000, batch_size: int = 3
     return out
 
 
-def new_audio_encoder(out, layers: int, hidden: int, seed: int = 0) -> Path:
+def new_audio_encoder(out, layers: int, hidden: int, seed: int = 0, overwrite: bool = False) -> Path:
     """A randomly initialised small wav2vec2 (base's kernels and strides), saved as a transformers folder. Small
     models are trained on its frozen features: they carry loudness and timbre, which is what they learn from."""
     from .audio import random_audio_encoder
+
+    _refuse_to_replace(Path(out), "audio encoder", overwrite)
 
     encoder = random_audio_encoder(layers, hidden, seed)
     encoder.model.save_pretrained(out, safe_serialization=True)
@@ -711,16 +789,21 @@ def new_audio_encoder(out, layers: int, hidden: int, seed: int = 0) -> Path:
     return Path(out)
 
 
+def _refuse_to_replace(out: Path, what: str, overwrite: bool):
+    """Datasets, latent caches and trained stages depend on a VAE or audio encoder: never replace one silently."""
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"{out} is not empty (a {what} made before? prepared data and trained models depend on "
+                         f"it): choose a new folder, or pass --overwrite to replace it")
+
+
 def bundle(checkpoint, vae_folder, audio_encoder, out, dtype: str = "fp16") -> Path:
     """One file: the EMO model plus the VAE and the wav2vec2 it was trained with (under `vae.` and
     `audio_encoder.`, their configs in the metadata), so it runs with nothing else to download."""
-    from diffusers import AutoencoderKL
-
     from .audio import Wav2Vec2Features
 
     config, state_dict, looks_like = load_checkpoint(checkpoint)
     model = build_model(config, state_dict, Path(checkpoint).name, looks_like)
-    vae = AutoencoderKL.from_pretrained(vae_folder, local_files_only=True)
+    vae = load_vae_folder(vae_folder)
     encoder = Wav2Vec2Features.from_files(audio_encoder).model
     metadata = {k: v for k, v in read_metadata(checkpoint).items() if k in ("stage", "step")}
     return save_bundle(model, out, vae, encoder, metadata, DTYPES[dtype])
@@ -759,11 +842,13 @@ def main(argv=None):
         p.add_argument("--lr", type=float, default=1e-3)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--max-minutes", type=float)
+        p.add_argument("--overwrite", action="store_true", help="replace the VAE in a non-empty --out folder")
     elif command == "new-audio-encoder":
         p.add_argument("--out", required=True, help="output transformers folder")
         p.add_argument("--layers", type=int, default=4)
         p.add_argument("--hidden", type=int, default=32)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--overwrite", action="store_true", help="replace the encoder in a non-empty --out folder")
     else:
         p.add_argument("--checkpoint", required=True, help="the trained EMO model (our format)")
         p.add_argument("--vae", required=True, help="its diffusers VAE folder")
@@ -776,9 +861,10 @@ def main(argv=None):
             train(TrainConfig.load(args.config), args.resume, args.max_minutes)
         elif command == "train-vae":
             train_vae(PreparedDataset(args.data), args.out, args.steps, args.batch_size, args.lr, seed=args.seed,
-                      max_minutes=args.max_minutes)
+                      max_minutes=args.max_minutes, overwrite=args.overwrite)
         elif command == "new-audio-encoder":
-            print(f"[new-audio-encoder] wrote {new_audio_encoder(args.out, args.layers, args.hidden, args.seed)}")
+            out = new_audio_encoder(args.out, args.layers, args.hidden, args.seed, args.overwrite)
+            print(f"[new-audio-encoder] wrote {out}")
         else:
             print(f"[bundle] wrote {bundle(args.checkpoint, args.vae, args.audio_encoder, args.out, args.dtype)}")
     except (FileNotFoundError, ValueError) as e:

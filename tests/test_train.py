@@ -11,10 +11,12 @@ from safetensors import safe_open
 
 from emo_core.audio import Wav2Vec2Features, random_audio_encoder
 from emo_core.checkpoint import CheckpointError, load_checkpoint, load_model, read_metadata
+from emo_core.config import preset
 from emo_core.data import PreparedDataset, prepare
 from emo_core.face import YuNetDetector
 from emo_core.synthetic import speech, write_clip
-from emo_core.train import TrainConfig, _pixels, bundle, train, train_vae, trainable_names
+from emo_core.train import (ClipSamples, TrainConfig, TrainingStep, _pixels, bundle, train, train_vae,
+                            trainable_names)
 from emo_core.video import VideoWriter
 
 from .conftest import face_fixture_dir
@@ -122,12 +124,20 @@ def test_config_values_out_of_range_are_refused(tmp_path):
     assert _config(tmp_path, 2, "good").first_clip_prob == 0.1
     for stage, bad, message in ((2, {"first_clip_prob": 1.5}, "first_clip_prob is a probability"),
                                 (2, {"uncond_prob": -0.1}, "uncond_prob is a probability"),
-                                (2, {"uncond_prob": "0.1"}, "uncond_prob is a probability"),
+                                (2, {"uncond_prob": "0.1"}, "uncond_prob must be a number, got '0.1'"),
                                 (2, {"steps": 0}, "steps must be a whole number"),
                                 (2, {"batch_size": 2.5}, "batch_size must be a whole number"),
                                 (2, {"warmup_steps": -1}, "warmup_steps must be a whole number of at least 0"),
                                 (2, {"learning_rate": 0}, "learning_rate must be a number above 0"),
-                                (2, {"learning_rate": "1e-3"}, "learning_rate must be a number above 0"),
+                                (2, {"learning_rate": "1e-3"}, "learning_rate must be a number, got '1e-3'"),
+                                (2, {"init": None}, "init must be a string, got None"),
+                                (2, {"face_expand": "1.2"}, "face_expand must be a number"),
+                                (2, {"gradient_checkpointing": 1}, "gradient_checkpointing must be true or false"),
+                                (2, {"model": ["tiny"]}, "model must be a string or an object"),
+                                (2, {"noise_correlation": "0.5"}, "noise_correlation must be a number or null"),
+                                (1, {"latent_scale": "VAE"}, "latent_scale is a number or \"vae\""),
+                                (2, {"trainable": "motion_modules"}, "trainable must be a list or null"),
+                                (2, {"trainable": [1]}, "trainable is a list of parameter-name parts"),
                                 (4, {}, "stage must be 1, 2 or 3"),
                                 (2, {"mixed_precison": "no"}, "unknown settings")):
         with pytest.raises(ValueError, match=message):
@@ -267,6 +277,91 @@ def test_cached_latents_are_the_encoded_frames(workdir):
     torch.testing.assert_close(damaged(torch.tensor([0, 1]), ids), got, atol=0, rtol=0)
     assert damaged.added and damaged.save() is None and LatentCache(vae, data, 0.5, path).stored.keys() == {
         data.videos[0]["file"], data.videos[1]["file"]}
+
+
+def test_prepare_redoes_what_changed_and_refuses_other_settings(workdir, tmp_path):
+    root, _ = workdir
+    videos, out = tmp_path / "videos", tmp_path / "prepared"
+    videos.mkdir()
+    (videos / "a.mp4").write_bytes((root / "videos" / "person0.mp4").read_bytes())
+    (videos / "a.mov").write_bytes((root / "videos" / "person1.mp4").read_bytes())  # the same name but for the suffix
+    encoder = Wav2Vec2Features.from_files(root / "encoder")
+    detector = YuNetDetector(face_fixture_dir() / "yunet_final.pth", confidence=0.3)
+    index = prepare(videos, out, encoder, detector, size=SIZE, clip_frames=6, log=lambda m: None)
+    assert [v["name"] for v in index["videos"]] == ["a__mov", "a__mp4"]
+    data = PreparedDataset(out)
+    assert not torch.equal(data.video(0)["frames"], data.video(1)["frames"])
+    (videos / "a.mp4").write_bytes((root / "videos" / "person1.mp4").read_bytes())  # replaced by another video
+    lines = []
+    prepare(videos, out, encoder, detector, size=SIZE, clip_frames=6, log=lines.append)
+    assert ["kept" in line for line in lines[:2]] == [True, False]
+    data = PreparedDataset(out)
+    assert torch.equal(data.video(0)["frames"], data.video(1)["frames"])
+    files = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    other_encoder = random_audio_encoder(3, 16, seed=1)  # the same shape, other weights
+    for changed, setting in (({"encoder": other_encoder}, "audio_encoder"), ({"size": 32}, "size 64 \\(now 32\\)")):
+        arguments = dict(encoder=encoder, detector=detector, size=SIZE, clip_frames=6, log=lambda m: None)
+        with pytest.raises(ValueError, match=f"prepared with other settings: {setting}.*nothing was changed"):
+            prepare(videos, out, **{**arguments, **changed})
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == files
+    other_encoder.model.save_pretrained(tmp_path / "other_encoder")
+    cfg = _config(root, 1, "mismatch", audio_encoder=str(tmp_path / "other_encoder"))
+    with pytest.raises(ValueError, match="prepared with another wav2vec2 of the same shape"):
+        train(cfg, log=lambda m: None)
+    assert not (root / "mismatch").exists()
+
+
+def test_bad_vae_folders_and_damaged_prepared_files_stop_training_before_it_starts(workdir, tmp_path):
+    import shutil
+
+    root, _ = workdir
+    for vae, message in ((tmp_path / "missing", "is not a folder"), (root / "encoder", "not a VAE"),
+                         (root / "prepared", "no readable config.json")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            train(_config(root, 1, "bad_vae", vae=str(vae)), log=lambda m: None)
+    shutil.copytree(root / "prepared", tmp_path / "prepared")
+    damaged = tmp_path / "prepared" / "videos" / "person1.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="prepared video .*person1.safetensors cannot be read.*prepare"):
+        train(_config(root, 1, "bad_data", data=str(tmp_path / "prepared")), log=lambda m: None)
+    assert not (root / "bad_vae").exists() and not (root / "bad_data").exists()
+    data = PreparedDataset(root / "prepared")
+    data.index["fps"] = 30
+    with pytest.raises(ValueError, match="prepared at 30 fps, the model runs at 25"):
+        ClipSamples(data, 2, preset("tiny"), 1.2, 0.1, 0.1, 0, 4)
+    vae_files = {f: f.read_bytes() for f in (root / "vae").iterdir()}
+    with pytest.raises(ValueError, match="is not empty.*--overwrite"):
+        train_vae(PreparedDataset(root / "prepared"), root / "vae", steps=1, batch_size=2, log=lambda m: None)
+    assert {f: f.read_bytes() for f in (root / "vae").iterdir()} == vae_files
+
+
+def test_an_error_in_training_keeps_the_steps_done(workdir, monkeypatch):
+    root, _ = workdir
+    calls = []
+    forward = TrainingStep.forward
+
+    def failing(self, *args):
+        calls.append(1)
+        if len(calls) in (1, 4):  # the first step of the first run, the third of the second
+            raise RuntimeError("out of memory (a test)")
+        return forward(self, *args)
+
+    monkeypatch.setattr(TrainingStep, "forward", failing)
+    cfg = _config(root, 1, "failing", steps=4, save_every=100)
+    lines = []
+    with pytest.raises(RuntimeError, match="a test"):
+        train(cfg, log=lines.append)  # nothing done: nothing saved, and --resume starts afresh
+    assert not (root / "failing" / "checkpoints").exists()
+    with pytest.raises(RuntimeError, match="a test"):
+        train(cfg, resume=True, log=lines.append)
+    assert any("before its first save; starting it from step 0" in line for line in lines)
+    assert any("stopped by an error at step 2; the 2 steps done are saved" in line for line in lines)
+    assert json.loads((root / "failing" / "checkpoints" / "step_0000002" / "step.json").read_text()) == {"step": 2}
+    monkeypatch.setattr(TrainingStep, "forward", forward)
+    train(cfg, resume=True, log=lines.append)
+    assert any("resumed" in line and "at step 2" in line for line in lines)
+    steps = [int(line.split(",")[0]) for line in (root / "failing" / "log.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4]
 
 
 def test_resume_continues_and_mismatches_are_refused(workdir):
