@@ -69,20 +69,27 @@ class YuNetDetector(FaceDetector):
         self.model.eval()
 
     @torch.no_grad()
-    def detect(self, images: torch.Tensor) -> list:
-        """images: (N, 3, H, W) in [0, 1] -> per image a list of Face, largest first."""
-        images = as_rgb(images)
+    def detect(self, images: torch.Tensor, batch: int = 16, progress=None) -> list:
+        """images: (N, C, H, W) in [0, 1] (C = 1, 3 or 4) -> per image a list of Face, largest first. The images go
+        through the detector `batch` at a time (memory stays flat for long videos); `progress(done, total)` is
+        called after each batch and may raise to interrupt."""
+        if images.ndim != 4:
+            as_rgb(images)  # the error message for a wrong shape
         height, width = images.shape[-2:]
         scale = min(1.0, DETECT_SIZE / max(height, width))
         scale = max(scale, MIN_DETECT_SIZE / min(height, width))  # YuNet needs a few pooling levels' worth
-        small = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
-                                                          antialias=scale < 1)
         param = next(self.model.parameters())
         out = []
-        for rows in self(small.to(param) * 255):  # RGB in [0, 255], as kornia's detector expects
-            faces = [Face(tuple((r[:4] / scale).tolist()), r[4:14].reshape(5, 2).cpu() / scale, float(r[14]))
-                     for r in rows.float()]
-            out.append(sorted(faces, key=lambda f: f.area, reverse=True))
+        for start in range(0, images.shape[0], batch):
+            chunk = as_rgb(images[start:start + batch])
+            small = chunk if scale == 1.0 else F.interpolate(chunk, scale_factor=scale, mode="bilinear",
+                                                             antialias=scale < 1)
+            for rows in self(small.to(param) * 255):  # RGB in [0, 255], as kornia's detector expects
+                faces = [Face(tuple((r[:4] / scale).tolist()), r[4:14].reshape(5, 2).cpu() / scale, float(r[14]))
+                         for r in rows.float()]
+                out.append(sorted(faces, key=lambda f: f.area, reverse=True))
+            if progress is not None:
+                progress(len(out), images.shape[0])
         return out
 
 

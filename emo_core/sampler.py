@@ -234,10 +234,8 @@ def _validate(model, inputs: GenerationInputs, frames: int, motion: int, steps: 
         raise EMOInputError(f"audio features must be (frames, {want[0]} layers, {want[1]} channels) for this model, "
                             f"got {tuple(feats.shape)}: encode the audio with the wav2vec2 model the checkpoint "
                             f"expects")
-    if feats.shape[0] < frames:
-        raise EMOInputError(f"audio is shorter than one clip: {feats.shape[0]} frames "
-                            f"({feats.shape[0] / cfg.fps:.2f} s at {cfg.fps} fps) < {frames} frames per clip; use "
-                            f"longer audio or fewer frames per clip")
+    if feats.shape[0] < 1:
+        raise EMOInputError("the audio features hold no frame: encode a clip with sound")
     if frames + motion > cfg.motion.max_len:
         raise EMOInputError(f"frames per clip + motion frames = {frames + motion} exceeds the temporal modules' "
                             f"limit of {cfg.motion.max_len}")
@@ -262,9 +260,10 @@ def _validate(model, inputs: GenerationInputs, frames: int, motion: int, steps: 
         if mask.shape[-3] not in (1, cfg.face_locator.in_channels):
             raise EMOInputError(f"face mask must have 1 or {cfg.face_locator.in_channels} channels, "
                                 f"got {mask.shape[-3]}")
-        if 1 < mask.shape[0] < feats.shape[0]:
-            raise EMOInputError(f"per-frame face mask has {mask.shape[0]} frames but the audio has "
-                                f"{feats.shape[0]}; give one mask or one per frame")
+        video = min(_default(inputs.num_frames, feats.shape[0]), feats.shape[0])  # the frames generate keeps
+        if 1 < mask.shape[0] < video:
+            raise EMOInputError(f"per-frame face mask has {mask.shape[0]} frames but the video has {video}; give "
+                                f"one mask, or one per video frame")
     if inputs.region_masks is not None:
         levels = [math.prod(s) for s in level_sizes(ref.shape[-2:], len(cfg.unet.block_out_channels))]
         for key in ("full", "face", "lip"):

@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# the sample rates AAC can carry: other rates are resampled to the next one up (at most 96 kHz)
+AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+
 
 class VideoWriter:
     def __init__(self, path, fps: float, audio: torch.Tensor | None = None, sample_rate: int = 16000,
@@ -28,6 +31,14 @@ class VideoWriter:
             audio = np.atleast_2d(np.asarray(audio, dtype=np.float32))
             if audio.ndim != 2 or audio.shape[0] > 16 or audio.shape[1] == 0:
                 raise ValueError(f"audio must be (samples,) or (channels, samples), got {audio.shape}")
+            if not sample_rate > 0:
+                raise ValueError(f"the audio's sample rate must be positive, got {sample_rate}")
+            audio, sample_rate = audio[:2], int(round(sample_rate))
+            if sample_rate not in AAC_RATES:
+                from .audio import resample
+
+                target = min([r for r in AAC_RATES if r >= sample_rate], default=AAC_RATES[-1])
+                audio, sample_rate = np.stack([resample(c, sample_rate, target) for c in audio]), target
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fps = Fraction(fps).limit_denominator(1001)
@@ -42,13 +53,15 @@ class VideoWriter:
         self.audio_written = 0  # samples of audio already encoded
 
     def write(self, frames: torch.Tensor) -> None:
-        """frames: (N, H, W, 3) in [0, 1] (ComfyUI IMAGE layout) or (N, 3, H, W)."""
+        """frames: (N, H, W, 3) in [0, 1] (ComfyUI IMAGE layout) or (N, 3, H, W); a 4th (alpha) channel is
+        dropped, as H.264 has none."""
         import av
 
-        if frames.ndim != 4 or 3 not in (frames.shape[1], frames.shape[-1]):
-            raise ValueError(f"frames must be (N, H, W, 3) or (N, 3, H, W), got {tuple(frames.shape)}")
-        if frames.shape[-1] != 3:
+        if frames.ndim != 4 or not ({3, 4} & {frames.shape[1], frames.shape[-1]}):
+            raise ValueError(f"frames must be (N, H, W, 3) or (N, 3, H, W) (or RGBA), got {tuple(frames.shape)}")
+        if frames.shape[-1] not in (3, 4):
             frames = frames.permute(0, 2, 3, 1)
+        frames = frames[..., :3]
         if self.video is not None and frames.shape[1:3] != self.size:
             raise ValueError(f"every frame must have the size of the first ({self.size}), got {tuple(frames.shape[1:3])}")
         self.size = tuple(frames.shape[1:3])
@@ -62,7 +75,6 @@ class VideoWriter:
             if self.audio is not None:
                 self.audio_stream = self.container.add_stream("aac", rate=self.sample_rate)
                 self.audio_stream.layout = "mono" if self.audio.shape[0] == 1 else "stereo"
-                self.audio = self.audio[:2]
         for image in pixels:
             if image.shape[0] % 2 or image.shape[1] % 2:
                 image = np.pad(image, ((0, image.shape[0] % 2), (0, image.shape[1] % 2), (0, 0)), mode="edge")

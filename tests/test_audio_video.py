@@ -94,6 +94,32 @@ def test_video_writer_streams_h264_and_aac(tmp_path):
     assert abs(samples / 16000 - frames / fps) < 0.07  # audio cut to the video (AAC pads < 1 frame of 1024)
 
 
+@pytest.mark.parametrize("rate, stored", [(192000, 96000), (37800.0, 44100), (44100.0, 44100)])
+def test_video_writer_takes_any_sample_rate_and_rgba_frames(tmp_path, rate, stored):
+    """AAC carries a fixed list of rates: others are resampled to the next one up; ComfyUI's AUDIO may give the
+    rate as a float; an RGBA IMAGE loses its alpha (H.264 has none)."""
+    seconds = 0.4
+    t = np.arange(int(seconds * rate)) / rate
+    tone = np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 660 * t)]).astype(np.float32) * 0.5
+    ramp = torch.linspace(0, 1, 32)
+    rgba = torch.stack(torch.broadcast_tensors(ramp[None, :], ramp[:, None], torch.tensor(0.5), torch.tensor(0.0)),
+                       dim=-1).expand(10, -1, -1, -1)  # red and green ramps, alpha 0
+    path = tmp_path / "out.mp4"
+    with VideoWriter(path, 25, audio=tone, sample_rate=rate) as writer:
+        writer.write(rgba)
+    with av.open(str(path)) as c:
+        sound = c.streams.audio[0]
+        assert sound.sample_rate == stored and sound.channels == 2
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
+    with av.open(str(path)) as c:
+        audio = np.concatenate([f.to_ndarray() for f in c.decode(c.streams.audio[0])], axis=-1)
+    assert len(frames) == 10 and abs(audio.shape[-1] / stored - seconds) < 0.07
+    spectrum = np.abs(np.fft.rfft(audio[0, 2048:2048 + 8192]))
+    assert abs(np.argmax(spectrum) * stored / 8192 - 440) < 10  # the tone kept its pitch through the resampling
+    expected = (rgba[0, ..., :3] * 255).round().numpy()
+    assert np.abs(frames[0].astype(float) - expected).mean() < 8  # the colour channels, not the alpha
+
+
 def test_main_command_writes_a_video(tmp_path):
     out = tmp_path / "demo.mp4"
     run = subprocess.run([sys.executable, "-m", "emo_core", "generate", "--out", str(out), "--steps", "2"],

@@ -21,6 +21,16 @@ def test_detects_the_face_in_a_real_photo(detector, photo):
     assert near(faces[0].box, (180, 58, 271, 176), 6)  # the fixture README's box
 
 
+def test_many_frames_are_detected_a_few_at_a_time(detector, photo):
+    frames = torch.cat([photo, photo.flip(-1), photo * 0.2] * 3)  # 9 frames
+    calls = []
+    found = detector.detect(frames, batch=4, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(4, 9), (8, 9), (9, 9)]
+    at_once = detector.detect(frames, batch=16)
+    assert [[f.box for f in faces] for faces in found] == [[f.box for f in faces] for faces in at_once]
+    assert [len(faces) for faces in found[:2]] == [1, 1]
+
+
 @pytest.mark.parametrize("kind", ["grey", "rgba", "4k"])
 def test_any_image_format_and_size(detector, photo, kind):
     if kind == "grey":

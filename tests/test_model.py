@@ -241,7 +241,8 @@ def test_schedulers(emo, scheduler):
 def test_bad_inputs_have_clear_errors(emo):
     base = inputs_for(emo)
     cases = [
-        (dict(audio_features=base.audio_features[:2]), "shorter than one clip"),
+        (dict(audio_features=base.audio_features[:0]), "hold no frame"),
+        (dict(face_mask=base.face_mask.expand(3, -1, -1, -1), num_frames=5), "mask has 3 frames but the video has 5"),
         (dict(audio_features=base.audio_features[:, :1]), "audio features must be"),
         (dict(face_mask=base.face_mask[:, :, :10]), "face mask must be"),
         (dict(face_mask=base.face_mask[0]), "face mask must be"),
@@ -258,6 +259,18 @@ def test_bad_inputs_have_clear_errors(emo):
             run(emo, base, **settings)
     with pytest.raises(EMOInputError, match="multiples of 8"):
         encode_reference(PixelCodec(), torch.zeros(1, 3, 100, 128))
+
+
+def test_audio_shorter_than_a_clip_and_one_mask_per_kept_frame(emo):
+    """Audio features come padded to whole clips (8 here); the video keeps num_frames of them. A clip's worth of
+    audio is not needed, and one face mask per kept frame is what a user gives."""
+    base = inputs_for(emo)
+    short = run(emo, dataclasses.replace(base, audio_features=base.audio_features[:2]))
+    assert short.shape[2] == 2 and torch.isfinite(short).all()
+    masks = base.face_mask.expand(5, -1, -1, -1).clone()
+    masks[3:] = 0  # the face leaves the last frames' mask: their features differ from the first frames'
+    out = run(emo, dataclasses.replace(base, face_mask=masks, num_frames=5))
+    assert out.shape[2] == 5 and not torch.equal(out, run(emo, dataclasses.replace(base, num_frames=5)))
 
 
 def test_config_round_trips_through_json():
