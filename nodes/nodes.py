@@ -8,6 +8,7 @@ import os
 
 import folder_paths
 from comfy_api.latest import io, ui
+from comfy_execution.graph_utils import ExecutionBlocker
 
 from .types import EMO_AUDIO, EMO_FACE_IDENTITY, EMO_MODEL, EMO_REFERENCE, EMOAudio, EMOModel, EMOReference
 
@@ -44,7 +45,12 @@ class EMOLoader(io.ComfyNode):
             raise FileNotFoundError(f"EMO checkpoint {checkpoint!r} not found in models/emo "
                                     f"({folder_paths.get_folder_paths('emo')}). Put this pack's checkpoint or "
                                     f"Hallo's net.pth (from the fudan-generative-vision/hallo release) there.")
-        return io.NodeOutput(*load_emo_model(path, precision))
+        model, vae = load_emo_model(path, precision)
+        if vae is None:  # a clear message where the empty output is used (core VAE Decode), not a NoneType error
+            vae = ExecutionBlocker(f"{checkpoint} carries no VAE, so Load EMO's vae output is empty: connect Load "
+                                   f"VAE (e.g. sd-vae-ft-mse for Hallo, in models/vae) to EMO ReferenceNet and to VAE "
+                                   f"Decode instead")
+        return io.NodeOutput(model, vae)
 
 
 class EMOSampleInputs(io.ComfyNode):

@@ -100,8 +100,14 @@ def _feature_extractor(audio_encoder, emo_model: EMOModel):
 def encode_audio(emo_model: EMOModel, audio_encoder, audio: dict, fps: float):
     cfg = emo_model.config
     waveform, rate = audio["waveform"], audio["sample_rate"]
-    if waveform.ndim != 3 or waveform.shape[-1] == 0:
-        raise EMOInputError(f"the audio is empty (shape {tuple(waveform.shape)}): connect a clip with sound")
+    if waveform.ndim in (1, 2):  # (N) or (C, N) from nodes that leave out ComfyUI's batch axis
+        waveform = waveform.reshape(1, -1, waveform.shape[-1])
+    if waveform.ndim != 3:
+        raise EMOInputError(f"AUDIO waveform must be (batch, channels, samples), got {tuple(waveform.shape)}")
+    if waveform.shape[-1] == 0:
+        raise EMOInputError("the audio is empty (no samples): connect a clip with sound")
+    if waveform.shape[0] > 1:
+        log.warning("EMO: the AUDIO input holds a batch of %d clips; the video follows the first", waveform.shape[0])
     mono = to_mono(waveform[0], rate)
     check_speech(mono, fps)
     extractor, patcher = _feature_extractor(audio_encoder, emo_model)
@@ -127,8 +133,15 @@ def face_masks(detector_path: str, image: torch.Tensor, expand: float, face_inde
     """IMAGE (B, H, W, 3) -> MASK (B, H, W): the expanded face box per image."""
     detector = YuNetDetector(detector_path, confidence=confidence)
     height, width = image.shape[1:3]
+    pbar = comfy.utils.ProgressBar(image.shape[0])
+
+    def progress(done, total):
+        mm.throw_exception_if_processing_interrupted()
+        pbar.update_absolute(done, total)
+
+    found = detector.detect(image.permute(0, 3, 1, 2), progress=progress)  # 16 frames at a time
     masks = [face_box_mask(faces, height, width, expand, face_index, fallback, f"image {i + 1} of {image.shape[0]}")
-             for i, faces in enumerate(detector.detect(image.permute(0, 3, 1, 2)))]
+             for i, faces in enumerate(found)]
     return torch.cat(masks)[:, 0]
 
 
@@ -162,6 +175,24 @@ class ComfyVAECodec:
         return self.vae.decode(latents.float().cpu() / self.scale).permute(0, 3, 1, 2)  # IMAGE (N, H, W, 3) -> NCHW
 
 
+class ReloadAfterVAE:
+    """The sampler's codec: each core VAE call loads the VAE and may unload other models to make room for it, so
+    after each one the EMO model is loaded again (motion frames go through the VAE between clips in Hallo)."""
+
+    def __init__(self, codec, reload):
+        self.codec, self.reload = codec, reload
+
+    def encode(self, pixels):
+        latents = self.codec.encode(pixels)
+        self.reload()
+        return latents
+
+    def decode(self, latents):
+        images = self.codec.decode(latents)
+        self.reload()
+        return images
+
+
 def encode_reference(emo_model: EMOModel, image: torch.Tensor, vae) -> EMOReference:
     if vae is None:
         raise EMOInputError("no VAE: this EMO checkpoint carries none, so connect Load VAE with the VAE it was "
@@ -179,7 +210,7 @@ def encode_reference(emo_model: EMOModel, image: torch.Tensor, vae) -> EMORefere
         latent_on_device = latent.to(device=patcher.load_device, dtype=emo_model.compute_dtype)
         features = run_reference_net(patcher.model, latent_on_device)
         reference.features = [f.to(mm.intermediate_device()) for f in features]
-        reference.model = patcher.model
+        reference.model = weakref.ref(patcher.model)
     return reference
 
 
@@ -210,12 +241,14 @@ def sample(emo_model: EMOModel, reference: EMOReference, emo_audio: EMOAudio, fa
     inputs = GenerationInputs(reference_latent=reference.latent, audio_features=emo_audio.features, face_mask=mask,
                               identity_embedding=embedding, region_masks=regions,
                               speed=speed if config.speed else None, num_frames=emo_audio.frames,
-                              reference_features=reference.features if reference.model is emo_model.patcher.model
-                              else None)
+                              reference_features=reference.features if reference.model is not None
+                              and reference.model() is emo_model.patcher.model else None)
     settings = SamplerSettings(steps=steps, guidance_scale=cfg, seed=seed, scheduler=scheduler,
                                frames_per_clip=frames_per_clip, motion_frames=motion_frames)
     patcher = emo_model.patcher
-    mm.load_models_gpu([patcher], memory_required=_activation_bytes(config, reference, settings, emo_model))
+    memory = _activation_bytes(config, reference, settings, emo_model)
+    mm.load_models_gpu([patcher], memory_required=memory)
+    codec = ReloadAfterVAE(reference.codec, lambda: mm.load_models_gpu([patcher], memory_required=memory))
     pbar = comfy.utils.ProgressBar(1)
     frames = settings.frames_per_clip or config.frames_per_clip
     log.info("EMO: sampling %d frames in clips of %d, %d steps each", emo_audio.frames, frames, steps)
@@ -225,7 +258,7 @@ def sample(emo_model: EMOModel, reference: EMOReference, emo_audio: EMOAudio, fa
 
     out = []
     try:
-        for clip in generate(patcher.model, inputs, settings, codec=reference.codec, progress=progress,
+        for clip in generate(patcher.model, inputs, settings, codec=codec, progress=progress,
                              cancel=_interrupted, device=patcher.load_device, dtype=emo_model.compute_dtype):
             out.append(clip.latents[0].transpose(0, 1).float().to(mm.intermediate_device()) / config.latent_scale)
     except mm.OOM_EXCEPTION as e:

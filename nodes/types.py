@@ -42,4 +42,4 @@ class EMOReference:
     width: int
     features: Any = None  # ReferenceNet's features of the portrait, per block (1, L, C) on the CPU; None for models
     #                       whose ReferenceNet attends to the face identity (Hallo): the sampler computes them then
-    model: Any = None  # the EMONet that computed `features`
+    model: Any = None  # weakref.ref to the EMONet that computed `features` (a weak one: the loader's patcher owns it)

@@ -79,6 +79,32 @@ class Server:
             time.sleep(0.5)
         raise TimeoutError(f"workflow did not finish in {timeout} s")
 
+    def run_listening(self, prompt: dict, timeout: float = 600) -> list:
+        """Run a workflow while listening on the websocket, as the frontend does: the messages it sends, some of
+        which (a node's ExecutionBlocker message) never reach the history."""
+        import asyncio
+
+        import aiohttp
+
+        async def listen():
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"http://127.0.0.1:{self.port}/ws?clientId=emo-tests") as ws:
+                    prompt_id = await asyncio.to_thread(self.submit, prompt)
+                    messages = []
+                    async for message in ws:
+                        if message.type != aiohttp.WSMsgType.TEXT:
+                            continue
+                        event = json.loads(message.data)
+                        messages.append(event)
+                        data = event.get("data", {})
+                        if data.get("prompt_id") == prompt_id and (
+                                event["type"] in ("execution_success", "execution_interrupted")
+                                or event["type"] == "executing" and data.get("node") is None):
+                            return messages
+                    return messages
+
+        return asyncio.run(asyncio.wait_for(listen(), timeout))
+
     def submit(self, prompt: dict) -> str:
         data = json.dumps({"prompt": prompt, "client_id": "emo-tests"}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}/prompt", data=data,

@@ -120,6 +120,11 @@ def test_hallo_template_takes_the_face_identity(server):
     result = server.run(prompt)
     assert result["status"]["status_str"] == "error"
     assert "connect EMO Face Identity" in json.dumps(result["status"]["messages"])
+    prompt = hallo_template()
+    prompt["11"]["inputs"]["vae"] = ["3", 1]  # Load EMO's empty VAE output: this checkpoint carries none
+    errors = [m["data"] for m in server.run_listening(prompt) if m["type"] == "execution_error"]
+    assert len(errors) == 1 and errors[0]["node_type"] == "VAEDecode"
+    assert "tiny-hallo.safetensors carries no VAE" in errors[0]["exception_message"]
     assert server.get("/system_stats")
 
 

@@ -1,0 +1,72 @@
+"""The node runtime inside a real ComfyUI (in a subprocess, as in test_comfy_vae): what a server run cannot show on
+a CPU. ComfyUI loads a core VAE with `load_models_gpu([vae])`, which may unload the other models to make room (all
+of them under --disable-smart-memory); Hallo's motion frames go through the VAE between clips, so the sampler
+must load the EMO model again before the next clip's denoising."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .comfy_models import make_models
+from .conftest import REPO
+from .test_comfy_audio_encoder import comfy_root
+
+COMFY_SCRIPT = """
+import json, sys
+packages, models, out = sys.argv[1:4]
+sys.argv = ["comfy", "--cpu", "--disable-smart-memory"]
+sys.path.insert(0, packages)  # holds comfyui_emo, a link to the repository
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.model_management as mm, comfy.sd, comfy.utils, torch
+from comfyui_emo.emo_core.cli import ASSETS, load_image
+from comfyui_emo.emo_core.audio import read_audio
+from comfyui_emo.nodes import runtime
+
+emo, _ = runtime.load_emo_model(f"{models}/emo/tiny-hallo.safetensors", "fp32")
+vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(f"{models}/vae/random-sd-vae.safetensors"))
+image = torch.nn.functional.interpolate(load_image(ASSETS / "portrait.png"), size=64, mode="area").permute(0, 2, 3, 1)
+waveform, rate = read_audio(ASSETS / "speech.wav")
+audio = {"waveform": waveform[:, 8000:8000 + 6400], "sample_rate": rate}  # (C, N): no batch axis
+emo_audio, _ = runtime.encode_audio(emo, None, audio, 25.0)
+reference = runtime.encode_reference(emo, image, vae)
+identity = runtime.face_identity(f"{models}/face_detection/yunet_final.pth", f"{models}/insightface/tiny-arcface.onnx",
+                                 image, 0, True, 0.6)
+events = []
+load = mm.load_models_gpu
+def spy(models, *args, **kwargs):
+    events.append(["load", [type(m.model).__name__ for m in models]])
+    return load(models, *args, **kwargs)
+mm.load_models_gpu = spy
+denoise = emo.patcher.model.denoise
+def counted(*args, **kwargs):
+    events.append(["denoise"])
+    return denoise(*args, **kwargs)
+emo.patcher.model.denoise = counted
+latents = runtime.sample(emo, reference, emo_audio, None, identity, seed=0, steps=2, cfg=1.0, scheduler="ddim",
+                         frames_per_clip=None, motion_frames=None, speed=1.0)
+json.dump({"events": events, "frames": emo_audio.frames, "latents": list(latents.shape)}, open(out, "w"))
+"""
+
+
+def test_the_emo_model_is_loaded_again_after_each_vae_call_between_clips(tmp_path_factory, tmp_path):
+    root = comfy_root(tmp_path_factory, whole=True)
+    models = make_models(Path(os.environ.get("EMO_TEST_MODELS", Path.home() / ".cache/emo-comfyui/test-models")))
+    (tmp_path / "packages").mkdir()
+    os.symlink(REPO, tmp_path / "packages" / "comfyui_emo")
+    run = subprocess.run([sys.executable, "-c", COMFY_SCRIPT, str(tmp_path / "packages"), str(models),
+                          str(tmp_path / "out.json")], cwd=root, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    events = result["events"]
+    assert result["frames"] == 10 and result["latents"][0] == 10  # 0.4 s at 25 fps, a 2-D waveform
+    vae_loads = [i for i, e in enumerate(events) if e[0] == "load" and "EMONet" not in e[1]]
+    assert len(vae_loads) >= 2  # motion frames decoded and encoded again between clips
+    last_load = None
+    for event in events:  # every denoising step runs right after the EMO model was (re)loaded
+        if event[0] == "load":
+            last_load = event[1]
+        else:
+            assert last_load is not None and "EMONet" in last_load, events
