@@ -45,7 +45,7 @@ def prepare_video(path: Path, encoder, detector, size: int, fps: float, centres:
                   min_face: float = 0.5) -> dict:
     """One video -> the tensors listed in the module docstring. Raises SkipVideo with the reason."""
     from .audio import read_audio, to_mono
-    from .face import NoFaceError, crop_image, face_crop, head_pose, rotation_speed, track_faces
+    from .face import NoFaceError, crop_image, face_crop, head_pose, rotation_speed, track_faces, unit_float
     from .video import read_video
 
     try:
@@ -62,7 +62,7 @@ def prepare_video(path: Path, encoder, detector, size: int, fps: float, centres:
     count = min(frames.shape[0], int(waveform.shape[0] / 16000 * fps))
     if count < min_frames:
         raise SkipVideo(f"too short: {count} frames with both picture and sound, at least {min_frames} needed")
-    images = frames[:count].permute(0, 3, 1, 2).float() / 255  # (S, 3, H, W)
+    images = frames[:count].permute(0, 3, 1, 2)  # (S, 3, H, W) uint8: made float a few frames at a time
     try:
         boxes, landmarks, found = track_faces(detector, images)
     except NoFaceError:
@@ -72,7 +72,7 @@ def prepare_video(path: Path, encoder, detector, size: int, fps: float, centres:
     height, width = images.shape[-2:]
     box = tuple(np.median(np.asarray(boxes), axis=0).tolist())  # one crop for the whole video: stable framing
     crop = face_crop(box, height, width, size)
-    crops = torch.cat([crop_image(images[i:i + 32], crop) for i in range(0, count, 32)])
+    crops = torch.cat([crop_image(unit_float(images[i:i + 32]), crop) for i in range(0, count, 32)])
     scale = size / crop.side
     offset = torch.tensor([crop.cx - crop.side / 2, crop.cy - crop.side / 2] * 2)
     crop_boxes = (torch.tensor(boxes, dtype=torch.float32) - offset) * scale

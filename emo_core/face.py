@@ -70,9 +70,9 @@ class YuNetDetector(FaceDetector):
 
     @torch.no_grad()
     def detect(self, images: torch.Tensor, batch: int = 16, progress=None) -> list:
-        """images: (N, C, H, W) in [0, 1] (C = 1, 3 or 4) -> per image a list of Face, largest first. The images go
-        through the detector `batch` at a time (memory stays flat for long videos); `progress(done, total)` is
-        called after each batch and may raise to interrupt."""
+        """images: (N, C, H, W) in [0, 1], or uint8 (C = 1, 3 or 4) -> per image a list of Face, largest first. The
+        images go through the detector `batch` at a time (memory stays flat for long videos); `progress(done,
+        total)` is called after each batch and may raise to interrupt."""
         if images.ndim != 4:
             as_rgb(images)  # the error message for a wrong shape
         height, width = images.shape[-2:]
@@ -81,7 +81,7 @@ class YuNetDetector(FaceDetector):
         param = next(self.model.parameters())
         out = []
         for start in range(0, images.shape[0], batch):
-            chunk = as_rgb(images[start:start + batch])
+            chunk = as_rgb(unit_float(images[start:start + batch]))
             small = chunk if scale == 1.0 else F.interpolate(chunk, scale_factor=scale, mode="bilinear",
                                                              antialias=scale < 1)
             for rows in self(small.to(param) * 255):  # RGB in [0, 255], as kornia's detector expects
@@ -91,6 +91,12 @@ class YuNetDetector(FaceDetector):
             if progress is not None:
                 progress(len(out), images.shape[0])
         return out
+
+
+def unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [0, 1]; float images unchanged. Video frames stay uint8 (a quarter of the memory)
+    until a few at a time are needed as floats."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images
 
 
 def as_rgb(images: torch.Tensor) -> torch.Tensor:
@@ -182,7 +188,7 @@ def face_box_mask(faces: list, height: int, width: int, expand: float = 1.2, fac
 
 
 def track_faces(detector: YuNetDetector, frames: torch.Tensor, face_index: int = 0, batch: int = 16):
-    """Per video frame (S, C, H, W): the chosen face's box and landmarks. The face is chosen by size rank in the
+    """Per video frame (S, C, H, W), float in [0, 1] or uint8: the chosen face's box and landmarks. The face is chosen by size rank in the
     first frame that has one, then followed by overlap (so two people never swap). Frames where it is not found
     take the nearest earlier (else later) detection. The landmarks are then read again at a steady face size
     (refine_landmarks). Returns (boxes [S x (x0, y0, x1, y1)], landmarks (S, 5, 2), found (S,) bool)."""
@@ -221,8 +227,8 @@ def refine_landmarks(detector: YuNetDetector, frames: torch.Tensor, faces: list,
     crop = Crop((x0 + x1) / 2, (y0 + y1) / 2, side, size, *frames.shape[-2:])
     refined = []
     for start in range(0, len(faces), batch):
-        for face, found in zip(faces[start:start + batch], detector.detect(crop_image(frames[start:start + batch],
-                                                                                      crop))):
+        chunk = crop_image(unit_float(frames[start:start + batch]), crop)
+        for face, found in zip(faces[start:start + batch], detector.detect(chunk)):
             best = _overlapping(found, crop.map_face(face).box, 0.3)
             refined.append(face.landmarks if best is None else crop.unmap_face(best).landmarks)
     return torch.stack(refined)

@@ -29,6 +29,10 @@ def test_many_frames_are_detected_a_few_at_a_time(detector, photo):
     at_once = detector.detect(frames, batch=16)
     assert [[f.box for f in faces] for faces in found] == [[f.box for f in faces] for faces in at_once]
     assert [len(faces) for faces in found[:2]] == [1, 1]
+    pixels = (frames * 255).round().to(torch.uint8)  # video frames stay uint8 until a batch is detected
+    from_bytes = detector.detect(pixels, batch=4)
+    assert [[f.box for f in faces] for faces in from_bytes] == [
+        [f.box for f in faces] for faces in detector.detect(pixels.float() / 255, batch=4)]
 
 
 @pytest.mark.parametrize("kind", ["grey", "rgba", "4k"])
