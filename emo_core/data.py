@@ -44,7 +44,6 @@ class SkipVideo(Exception):
 def prepare_video(path: Path, encoder, detector, size: int, fps: float, centres: list, min_frames: int,
                   min_face: float = 0.5) -> dict:
     """One video -> the tensors listed in the module docstring. Raises SkipVideo with the reason."""
-    from .audio import read_audio, to_mono
     from .face import NoFaceError, crop_image, face_crop, head_pose, rotation_speed, track_faces, unit_float
     from .video import read_video
 
@@ -53,10 +52,9 @@ def prepare_video(path: Path, encoder, detector, size: int, fps: float, centres:
     except (ValueError, FileNotFoundError) as e:
         raise SkipVideo(f"unreadable video: {e}") from None
     try:
-        sound, rate = read_audio(path)
+        waveform = sound_of_the_picture(path)
     except ValueError as e:
         raise SkipVideo(f"no usable audio: {e}") from None
-    waveform = to_mono(sound, rate)
     if float(waveform.abs().max()) < 1e-4:
         raise SkipVideo("the audio is silent")
     count = min(frames.shape[0], int(waveform.shape[0] / 16000 * fps))
@@ -92,6 +90,21 @@ def prepare_video(path: Path, encoder, detector, size: int, fps: float, centres:
         "speed_bucket": bucket,
         "audio": features.to(torch.float16).contiguous(),
     }
+
+
+def sound_of_the_picture(path: Path) -> torch.Tensor:
+    """A video's sound, mono at 16 kHz, starting at its first picture: a track that starts later than the picture
+    (or earlier) is padded with silence (or trimmed), so that each frame is paired with its own sound."""
+    from .audio import SAMPLE_RATE, read_audio, to_mono
+    from .video import first_frame_times
+
+    sound, rate = read_audio(path)
+    waveform = to_mono(sound, rate)
+    picture, audio = first_frame_times(path)
+    shift = round((audio - picture) * SAMPLE_RATE) if audio is not None and picture is not None else 0
+    if shift > 0:
+        return torch.cat([waveform.new_zeros(shift), waveform])
+    return waveform[-shift:]
 
 
 def prepare(videos: Path, out: Path, encoder, detector, size: int = 512, fps: float = 25, clip_frames: int = 16,

@@ -121,6 +121,23 @@ class VideoWriter:
             self.container.close()
 
 
+def first_frame_times(path) -> tuple[float | None, float | None]:
+    """When the first picture and the first sound of a file are shown, in seconds (None for a missing or
+    undecodable stream). Files whose tracks start apart need their sound shifted to match the picture."""
+    import av
+
+    times = []
+    for kind in ("video", "audio"):
+        try:
+            with av.open(str(path)) as container:
+                streams = getattr(container.streams, kind)
+                frame = next(iter(container.decode(streams[0])), None) if streams else None
+                times.append(float(frame.time) if frame is not None and frame.time is not None else None)
+        except av.FFmpegError:
+            times.append(None)
+    return times[0], times[1]
+
+
 def read_video(path, fps: float | None = None, max_frames: int | None = None) -> tuple[torch.Tensor, float]:
     """Decode the first video stream -> (frames (S, H, W, 3) uint8 RGB, fps). With `fps`, the frames are resampled
     to that rate by picking, for each output time, the frame shown at that moment (nearest earlier timestamp)."""

@@ -279,6 +279,41 @@ def test_cached_latents_are_the_encoded_frames(workdir):
         data.videos[0]["file"], data.videos[1]["file"]}
 
 
+def _tone_video(path, audio_delay: int):
+    """1 s of black picture; a 300 Hz tone from 0.5 s of the sound track, which starts `audio_delay` samples (at
+    16 kHz) after the picture."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width = video.height = 64
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream("aac", rate=16000)
+        audio.layout = "mono"
+        for i in range(25):
+            frame = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")
+            frame.pts = i
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        t = np.arange(16000) / 16000
+        tone = (np.sin(2 * np.pi * 300 * t) * (t >= 0.5)).astype(np.float32)[None]
+        for start in range(0, 16000, 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, start:start + 1024]), format="fltp",
+                                               layout="mono")
+            frame.sample_rate, frame.pts = 16000, start + audio_delay
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode(None))
+
+
+def test_prepare_pairs_each_frame_with_its_own_sound_when_the_tracks_start_apart(tmp_path):
+    from emo_core.data import sound_of_the_picture
+
+    for delay, onset in ((0, 0.5), (6400, 0.9)):  # a sound track 0.4 s late: its tone is heard at 0.9 s
+        _tone_video(tmp_path / f"delay{delay}.mp4", delay)
+        sound = sound_of_the_picture(tmp_path / f"delay{delay}.mp4").numpy()
+        assert abs(np.argmax(np.abs(sound) > 0.3) / 16000 - onset) < 0.005
+
+
 def test_prepare_redoes_what_changed_and_refuses_other_settings(workdir, tmp_path):
     root, _ = workdir
     videos, out = tmp_path / "videos", tmp_path / "prepared"
