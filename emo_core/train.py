@@ -636,6 +636,8 @@ def _latest_checkpoint(folder: Path) -> Path | None:
 def _save(accelerator, step_fn, checkpoints: Path, step: int, out: Path, stage: int):
     accelerator.wait_for_everyone()
     folder = checkpoints / f"step_{step:07d}"
+    if (folder / "step.json").is_file():  # saved at this step already (the run ends where it last saved): never
+        return                              # write over a complete checkpoint, which a second Ctrl-C would break
     accelerator.save_state(str(folder))
     give_ordinary_mode(*folder.glob("*.safetensors"))  # accelerate writes them with safetensors too
     if accelerator.is_main_process:

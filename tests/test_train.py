@@ -403,6 +403,10 @@ def test_resume_continues_and_mismatches_are_refused(workdir):
     root, _ = workdir
     cfg = _config(root, 1, "resume", steps=2)
     train(cfg, log=lambda m: None)
+    state = root / "resume" / "checkpoints" / "step_0000002"
+    stamps = {f.name: f.stat().st_mtime_ns for f in state.iterdir()}
+    train(cfg, resume=True, log=lambda m: None)  # nothing left to train: the saved state is not written again
+    assert {f.name: f.stat().st_mtime_ns for f in state.iterdir()} == stamps
     with pytest.raises(ValueError, match="already holds a training run"):
         train(cfg, log=lambda m: None)
     other = _config(root, 1, "resume", steps=4, model="demo")
