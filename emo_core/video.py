@@ -152,21 +152,31 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None) ->
                 raise ValueError(f"{path.name} has no video stream")
             stream = container.streams.video[0]
             native = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-            frames, times = [], []
+            # Resampling as frames arrive, so that only the frames kept are held: output frame k (time k / fps)
+            # is the latest decoded frame shown at that moment; a frame is known to be the one for the output
+            # times before the next frame's time once that next frame arrives.
+            frames, decoded, start, shown, last, enough = [], 0, None, None, 0.0, False
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                times.append(float(frame.time) if frame.time is not None else len(times) / native)
-                if max_frames and fps is None and len(frames) >= max_frames:
+                time = float(frame.time) if frame.time is not None else decoded / native
+                decoded += 1
+                if fps is None:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                else:
+                    start = time if start is None else start
+                    last = time - start
+                    while shown is not None and len(frames) / fps + 1e-6 < last:
+                        frames.append(shown)
+                    shown = frame.to_ndarray(format="rgb24")
+                if max_frames and len(frames) >= max_frames:
+                    enough = True
                     break
     except av.FFmpegError as e:
         raise ValueError(f"{path.name}: cannot decode video ({e})") from e
+    if fps is not None and shown is not None and not enough:
+        # as many whole output frames as the video lasts (its last frame is shown for one native frame time)
+        count = int(np.floor((last + 1 / native) * fps + 1e-6))
+        frames = (frames + [shown] * (count - len(frames)))[:count]
     if not frames:
         raise ValueError(f"{path.name} contains no video frames")
-    if fps is None:
-        return torch.from_numpy(np.stack(frames)), native
-    times = np.asarray(times) - times[0]
-    count = int(np.floor((times[-1] + 1 / native) * fps + 1e-6))
-    if max_frames:
-        count = min(count, max_frames)
-    picks = np.searchsorted(times, np.arange(count) / fps + 1e-6, side="right") - 1
-    return torch.from_numpy(np.stack([frames[i] for i in picks.clip(0, len(frames) - 1)])), float(fps)
+    frames = frames[:max_frames] if max_frames else frames
+    return torch.from_numpy(np.stack(frames)), native if fps is None else float(fps)

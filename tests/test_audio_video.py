@@ -297,6 +297,24 @@ def test_main_command_without_a_face(tmp_path):
     assert run.returncode != 0 and "is empty" in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.parametrize("native", [60, 24])
+def test_videos_are_resampled_to_the_training_frame_rate(tmp_path, native):
+    """Output frame k (at k / 25 s) is the native frame shown at that moment; as many as the video lasts."""
+    from emo_core.video import read_video
+
+    count = int(native * 1.5)
+    frames = (torch.arange(count) * 250 // count / 255).view(-1, 1, 1, 1).expand(-1, 16, 16, 3)  # frame i: grey i
+    with VideoWriter(tmp_path / "in.mp4", native) as writer:
+        writer.write(frames)
+    got, fps = read_video(tmp_path / "in.mp4", fps=25)
+    shown = [math.floor(k * native / 25 + 1e-6) for k in range(int(1.5 * 25))]
+    assert fps == 25.0 and got.shape[0] == len(shown)
+    levels = got.float().mean(dim=(1, 2, 3))
+    torch.testing.assert_close(levels, torch.tensor([i * 250 // count for i in shown], dtype=torch.float), atol=2.5,
+                               rtol=0)
+    assert read_video(tmp_path / "in.mp4", fps=25, max_frames=7)[0].shape[0] == 7
+
+
 def test_non_integer_frame_rates(encoder, tmp_path):
     waveform = speechlike(2.0)
     features, length = encoder(waveform, fps=29.97, clip_length=12)
