@@ -290,6 +290,11 @@ def write_video(path: str, images: torch.Tensor, fps: float, audio, crf: int, me
     sound, rate = None, 16000
     if audio is not None:
         sound, rate = audio["waveform"][0].float().cpu().numpy(), audio["sample_rate"]
+        heard, seen = sound.shape[-1] / rate, images.shape[0] / fps
+        if abs(heard - seen) > 1.5 / fps:  # the sound is cut or padded to the picture: out of sync if fps differ
+            log.warning("EMO Video Combine: the audio lasts %.2f s, %d frames at %g fps last %.2f s; if the frames "
+                        "come from EMO Encode Audio's sound, give Video Combine the fps Encode Audio used",
+                        heard, images.shape[0], fps, seen)
     pbar = comfy.utils.ProgressBar(images.shape[0])
     with VideoWriter(path, fps, audio=sound, sample_rate=rate, crf=crf, metadata=metadata) as writer:
         for start in range(0, images.shape[0], 16):

@@ -83,6 +83,10 @@ def test_default_workflow_runs_the_bundled_demo_with_nothing_to_download(server)
 def test_long_audio_many_clips(server):
     info = probe(output_video(server, server.run(workflow("long_audio.json", {("9", "steps"): 2}))))
     assert info["frames"] == 50 and abs(info["duration"] - 2.0) < 0.1  # 7 clips of 8 frames
+    assert "EMO Video Combine: the audio lasts" not in server.log.read_text()
+    info = probe(output_video(server, server.run(workflow("long_audio.json", {("9", "steps"): 2, ("11", "fps"): 30}))))
+    assert info["frames"] == 50 and abs(info["duration"] - 50 / 30) < 0.1  # the sound cut to the picture, and
+    assert "the audio lasts 2.00 s, 50 frames at 30 fps last 1.67 s" in server.log.read_text()  # the user told
 
 
 def test_chained_with_other_nodes(server):
