@@ -188,10 +188,11 @@ def face_box_mask(faces: list, height: int, width: int, expand: float = 1.2, fac
 
 
 def track_faces(detector: YuNetDetector, frames: torch.Tensor, face_index: int = 0, batch: int = 16):
-    """Per video frame (S, C, H, W), float in [0, 1] or uint8: the chosen face's box and landmarks. The face is chosen by size rank in the
-    first frame that has one, then followed by overlap (so two people never swap). Frames where it is not found
-    take the nearest earlier (else later) detection. The landmarks are then read again at a steady face size
-    (refine_landmarks). Returns (boxes [S x (x0, y0, x1, y1)], landmarks (S, 5, 2), found (S,) bool)."""
+    """Per video frame (S, C, H, W), float in [0, 1] or uint8: the chosen face's box and landmarks. The face is
+    chosen by size rank in the first frame that has one, then followed by overlap (so two people never swap).
+    Frames where it is not found take the nearest earlier (else later) detection. The landmarks are then read again
+    at a steady face size (refine_landmarks). Returns (boxes [S x (x0, y0, x1, y1)], landmarks (S, 5, 2), found
+    (S,) bool)."""
     picked, previous = [], None
     for start in range(0, frames.shape[0], batch):
         for faces in detector.detect(frames[start:start + batch]):
