@@ -139,7 +139,10 @@ class Wav2Vec2Features:
         model = Wav2Vec2Model(config)
         state_dict = _weight_norm_names(state_dict, model.state_dict())
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        missing = [k for k in missing if k != "masked_spec_embed"]  # only used for training-time masking
+        if "masked_spec_embed" in missing:  # only used for training-time masking; many files leave it out. Zeros,
+            with torch.no_grad():            # not the random init: the same file must give the same weights
+                model.masked_spec_embed.zero_()
+        missing = [k for k in missing if k != "masked_spec_embed"]
         if missing or unexpected:
             raise ValueError(f"these wav2vec2 weights do not fit the model they describe: missing {missing[:4]}, "
                              f"unexpected {unexpected[:4]}")

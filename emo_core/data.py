@@ -102,6 +102,9 @@ def sound_of_the_picture(path: Path) -> torch.Tensor:
     waveform = to_mono(sound, rate)
     picture, audio = first_frame_times(path)
     shift = round((audio - picture) * SAMPLE_RATE) if audio is not None and picture is not None else 0
+    if -shift >= waveform.shape[0]:
+        raise ValueError(f"the sound ends ({waveform.shape[0] / SAMPLE_RATE:.2f} s) before the picture starts "
+                         f"({-shift / SAMPLE_RATE:.2f} s after the sound)")
     if shift > 0:
         return torch.cat([waveform.new_zeros(shift), waveform])
     return waveform[-shift:]
@@ -167,14 +170,15 @@ def prepare(videos: Path, out: Path, encoder, detector, size: int = 512, fps: fl
 
 def _file_names(videos: Path, files: list) -> list:
     """Prepared-file names: the path under the video folder without its suffix, folders joined by "__"; videos
-    that would share a name (a.mp4 and a.mov) keep their suffix too (a__mp4, a__mov)."""
+    that would share a name (a.mp4 and a.mov, or A.mp4 and a.mov) keep their suffix too (a__mp4, a__mov)."""
     names = [p.relative_to(videos).with_suffix("").as_posix().replace("/", "__") for p in files]
-    shared = {n for n, count in Counter(names).items() if count > 1}
-    names = [f"{n}__{p.suffix[1:].lower()}" if n in shared else n for n, p in zip(names, files)]
-    clash = [n for n, count in Counter(names).items() if count > 1]
+    # compared without case: on Windows and macOS, Talk.safetensors and talk.safetensors are one file
+    shared = {n for n, count in Counter(n.casefold() for n in names).items() if count > 1}
+    names = [f"{n}__{p.suffix[1:].lower()}" if n.casefold() in shared else n for n, p in zip(names, files)]
+    clash = [n for n, count in Counter(n.casefold() for n in names).items() if count > 1]
     if clash:
         raise ValueError(f"videos under {videos} would be prepared into the same file {clash[0]}.safetensors "
-                         f"(names that differ only in the case of their suffix): rename one of them")
+                         f"(names that differ only in case): rename one of them")
     return names
 
 

@@ -167,7 +167,9 @@ def read_video(path, fps: float | None = None, max_frames: int | None = None) ->
                     while shown is not None and len(frames) / fps + 1e-6 < last:
                         frames.append(shown)
                     shown = frame.to_ndarray(format="rgb24")
-                if max_frames and len(frames) >= max_frames:
+                # enough: max_frames output frames, all of them inside the video's length in output frames
+                if max_frames and len(frames) >= max_frames and (
+                        fps is None or (last + 1 / native) * fps + 1e-6 >= max_frames):
                     enough = True
                     break
     except av.FFmpegError as e:

@@ -313,6 +313,25 @@ def test_videos_are_resampled_to_the_training_frame_rate(tmp_path, native):
     torch.testing.assert_close(levels, torch.tensor([i * 250 // count for i in shown], dtype=torch.float), atol=2.5,
                                rtol=0)
     assert read_video(tmp_path / "in.mp4", fps=25, max_frames=7)[0].shape[0] == 7
+    with VideoWriter(tmp_path / "short.mp4", native) as writer:  # 4 native frames last 4 / native s
+        writer.write(frames[:4])
+    whole = int((4 / native) * 25 + 1e-6)  # output frames inside that length, however many are asked for
+    assert read_video(tmp_path / "short.mp4", fps=25, max_frames=whole + 1)[0].shape[0] == whole
+
+
+def test_weights_without_the_training_mask_embedding_load_the_same_every_time(hallo_fixture, tmp_path):
+    """wav2vec2-base-960h and other files leave out masked_spec_embed (used only for masking in training): it is
+    zeros, not a random init, so the same file is the same model (prepare and train compare the weights)."""
+    from safetensors.torch import save_file
+
+    from emo_core.checkpoint import weights_fingerprint
+
+    weights = load_file(hallo_fixture / "audio_encoder.safetensors")
+    save_file({k: v for k, v in weights.items() if "masked_spec_embed" not in k}, tmp_path / "enc.safetensors")
+    config = hallo_fixture / "audio_encoder_config.json"
+    loaded = [Wav2Vec2Features.from_files(tmp_path / "enc.safetensors", config).model for _ in range(2)]
+    assert weights_fingerprint(loaded[0]) == weights_fingerprint(loaded[1])
+    assert not loaded[0].masked_spec_embed.any()
 
 
 def test_non_integer_frame_rates(encoder, tmp_path):

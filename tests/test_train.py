@@ -279,9 +279,9 @@ def test_cached_latents_are_the_encoded_frames(workdir):
         data.videos[0]["file"], data.videos[1]["file"]}
 
 
-def _tone_video(path, audio_delay: int):
-    """1 s of black picture; a 300 Hz tone from 0.5 s of the sound track, which starts `audio_delay` samples (at
-    16 kHz) after the picture."""
+def _tone_video(path, audio_delay: int, picture_delay: int = 0):
+    """1 s of black picture, starting `picture_delay` frames (at 25 fps) into the file; a 300 Hz tone from 0.5 s
+    of the sound track, which starts `audio_delay` samples (at 16 kHz) into the file."""
     import av
 
     with av.open(str(path), "w") as container:
@@ -292,7 +292,7 @@ def _tone_video(path, audio_delay: int):
         audio.layout = "mono"
         for i in range(25):
             frame = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")
-            frame.pts = i
+            frame.pts = i + picture_delay
             container.mux(video.encode(frame))
         container.mux(video.encode(None))
         t = np.arange(16000) / 16000
@@ -312,6 +312,9 @@ def test_prepare_pairs_each_frame_with_its_own_sound_when_the_tracks_start_apart
         _tone_video(tmp_path / f"delay{delay}.mp4", delay)
         sound = sound_of_the_picture(tmp_path / f"delay{delay}.mp4").numpy()
         assert abs(np.argmax(np.abs(sound) > 0.3) / 16000 - onset) < 0.005
+    _tone_video(tmp_path / "late_picture.mp4", 0, picture_delay=50)  # the picture starts as the sound ends
+    with pytest.raises(ValueError, match="the sound ends .* before the picture starts"):
+        sound_of_the_picture(tmp_path / "late_picture.mp4")
 
 
 def test_prepare_redoes_what_changed_and_refuses_other_settings(workdir, tmp_path):
@@ -324,6 +327,9 @@ def test_prepare_redoes_what_changed_and_refuses_other_settings(workdir, tmp_pat
     detector = YuNetDetector(face_fixture_dir() / "yunet_final.pth", confidence=0.3)
     index = prepare(videos, out, encoder, detector, size=SIZE, clip_frames=6, log=lambda m: None)
     assert [v["name"] for v in index["videos"]] == ["a__mov", "a__mp4"]
+    from emo_core.data import _file_names  # one file on Windows and macOS: names are compared without case
+
+    assert _file_names(videos, [videos / "Talk.mp4", videos / "talk.mov"]) == ["Talk__mp4", "talk__mov"]
     data = PreparedDataset(out)
     assert not torch.equal(data.video(0)["frames"], data.video(1)["frames"])
     (videos / "a.mp4").write_bytes((root / "videos" / "person1.mp4").read_bytes())  # replaced by another video
