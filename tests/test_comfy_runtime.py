@@ -1,7 +1,8 @@
 """The node runtime inside a real ComfyUI (in a subprocess, as in test_comfy_vae): what a server run cannot show on
 a CPU. ComfyUI loads a core VAE with `load_models_gpu([vae])`, which may unload the other models to make room (all
 of them under --disable-smart-memory); Hallo's motion frames go through the VAE between clips, so the sampler
-must load the EMO model again before the next clip's denoising."""
+must load the EMO model again before the next clip's denoising. Also EMO Face Mask over many frames: progress per
+batch, and ComfyUI's interrupt stops it."""
 
 import json
 import os
@@ -47,11 +48,23 @@ def counted(*args, **kwargs):
 emo.patcher.model.denoise = counted
 latents = runtime.sample(emo, reference, emo_audio, None, identity, seed=0, steps=2, cfg=1.0, scheduler="ddim",
                          frames_per_clip=None, motion_frames=None, speed=1.0)
-json.dump({"events": events, "frames": emo_audio.frames, "latents": list(latents.shape)}, open(out, "w"))
+ticks = []  # EMO Face Mask over a video's frames: progress per batch of 16, and it can be interrupted
+comfy.utils.set_progress_bar_global_hook(lambda value, total, *args, **kwargs: ticks.append([value, total]))
+frames = image.expand(20, -1, -1, -1)
+masks = runtime.face_masks(f"{models}/face_detection/yunet_final.pth", frames, 1.2, 0, True, 0.6)
+mm.interrupt_current_processing(True)
+try:
+    runtime.face_masks(f"{models}/face_detection/yunet_final.pth", frames, 1.2, 0, True, 0.6)
+    stopped = False
+except mm.InterruptProcessingException:
+    stopped = True
+json.dump({"events": events, "frames": emo_audio.frames, "latents": list(latents.shape), "masks": list(masks.shape),
+           "ticks": ticks, "stopped": stopped}, open(out, "w"))
 """
 
 
-def test_the_emo_model_is_loaded_again_after_each_vae_call_between_clips(tmp_path_factory, tmp_path):
+def test_the_emo_model_is_loaded_again_after_each_vae_call_between_clips_and_face_masks_report_progress(
+        tmp_path_factory, tmp_path):
     root = comfy_root(tmp_path_factory, whole=True)
     models = make_models(Path(os.environ.get("EMO_TEST_MODELS", Path.home() / ".cache/emo-comfyui/test-models")))
     (tmp_path / "packages").mkdir()
@@ -62,6 +75,7 @@ def test_the_emo_model_is_loaded_again_after_each_vae_call_between_clips(tmp_pat
     result = json.loads((tmp_path / "out.json").read_text())
     events = result["events"]
     assert result["frames"] == 10 and result["latents"][0] == 10  # 0.4 s at 25 fps, a 2-D waveform
+    assert result["masks"] == [20, 64, 64] and result["ticks"] == [[16, 20], [20, 20]] and result["stopped"]
     vae_loads = [i for i, e in enumerate(events) if e[0] == "load" and "EMONet" not in e[1]]
     assert len(vae_loads) >= 2  # motion frames decoded and encoded again between clips
     last_load = None
