@@ -137,7 +137,7 @@ def generate(model, inputs: GenerationInputs, settings: SamplerSettings = Sample
 
     audio = inputs.audio_features  # stays where it is: only each clip's windows go to the device
     total = audio.shape[0]
-    keep = min(_default(inputs.num_frames, total), total)
+    keep = _kept_frames(inputs)
     clips = math.ceil(keep / frames)
     audio = _pad_frames(audio, clips * frames)  # repeat the last frame to fill the last clip
     speed = _speed_sequence(inputs.speed, total, clips * frames, device)
@@ -223,6 +223,12 @@ def _default(value, default):
     return default if value is None else value
 
 
+def _kept_frames(inputs: GenerationInputs) -> int:
+    """The video's length in frames: num_frames, at most as many as the audio features cover."""
+    total = inputs.audio_features.shape[0]
+    return min(_default(inputs.num_frames, total), total)
+
+
 def _validate(model, inputs: GenerationInputs, frames: int, motion: int, steps: int, correlation: float, codec):
     cfg = model.cfg
     ref = inputs.reference_latent
@@ -260,7 +266,7 @@ def _validate(model, inputs: GenerationInputs, frames: int, motion: int, steps: 
         if mask.shape[-3] not in (1, cfg.face_locator.in_channels):
             raise EMOInputError(f"face mask must have 1 or {cfg.face_locator.in_channels} channels, "
                                 f"got {mask.shape[-3]}")
-        video = min(_default(inputs.num_frames, feats.shape[0]), feats.shape[0])  # the frames generate keeps
+        video = _kept_frames(inputs)
         if 1 < mask.shape[0] < video:
             raise EMOInputError(f"per-frame face mask has {mask.shape[0]} frames but the video has {video}; give "
                                 f"one mask, or one per video frame")
