@@ -110,16 +110,16 @@ class TrainConfig:
             raise ValueError(f"{path}: stage must be 1, 2 or 3, got {cfg.stage}")
         if cfg.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"{path}: mixed_precision must be no, fp16 or bf16")
+        # the types are checked above: what is left are the ranges
         for name in ("uncond_prob", "first_clip_prob"):
-            if not (_is_number(getattr(cfg, name)) and 0 <= getattr(cfg, name) <= 1):
+            if not 0 <= getattr(cfg, name) <= 1:
                 raise ValueError(f"{path}: {name} is a probability, between 0 and 1; got {getattr(cfg, name)!r}")
         for name, least in (("steps", 1), ("batch_size", 1), ("gradient_accumulation", 1), ("save_every", 1),
                             ("log_every", 1), ("warmup_steps", 0)):
-            if not (_is_number(getattr(cfg, name)) and isinstance(getattr(cfg, name), int)
-                    and getattr(cfg, name) >= least):
+            if getattr(cfg, name) < least:
                 raise ValueError(f"{path}: {name} must be a whole number of at least {least}, "
                                  f"got {getattr(cfg, name)!r}")
-        if not (_is_number(cfg.learning_rate) and cfg.learning_rate > 0):
+        if not cfg.learning_rate > 0:
             raise ValueError(f"{path}: learning_rate must be a number above 0, got {cfg.learning_rate!r}")
         if isinstance(cfg.latent_scale, str) and cfg.latent_scale != "vae":
             raise ValueError(f"{path}: latent_scale is a number or \"vae\" (the VAE's scaling_factor), "
@@ -488,6 +488,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
+    from .vae import load_vae_folder
+
     out = Path(cfg.output)
     run_file = out / "run.json"
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
@@ -684,27 +686,6 @@ def write_loss_plot(csv: Path, svg: Path, title: str, width: int = 640, height: 
 
 # ---- small companions for small models: a VAE and a wav2vec2 -------------------------------------------------
 
-def load_vae_folder(folder):
-    """The diffusers VAE folder `train-vae` writes (config.json + weights), with a clear error for anything else."""
-    from diffusers import AutoencoderKL
-
-    folder = Path(folder)
-    what = "a diffusers VAE folder (config.json and diffusion_pytorch_model.safetensors, as train-vae writes)"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"the VAE {folder} is not a folder: give {what}")
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"the VAE folder {folder} has no readable config.json ({e}): give {what}") from None
-    if config.get("_class_name") != "AutoencoderKL":
-        raise ValueError(f"{folder} holds a {config.get('_class_name') or 'model without a class name'}, not a VAE: "
-                         f"give {what}")
-    if not any((folder / f"diffusion_pytorch_model.{ext}").is_file() for ext in ("safetensors", "bin")):
-        raise FileNotFoundError(f"the VAE folder {folder} has no weights (diffusion_pytorch_model.safetensors): "
-                                f"give {what}")
-    return AutoencoderKL.from_pretrained(folder, local_files_only=True)
-
-
 def small_vae(size: int, blocks: tuple = (32, 64, 64, 64)):
     """An AutoencoderKL of the SD layout (4 levels, 8x downsampling, 4 latent channels) with narrow blocks. Norms
     have 32 groups, as ComfyUI's VAE code assumes, so core VAE nodes can load it."""
@@ -802,6 +783,7 @@ def bundle(checkpoint, vae_folder, audio_encoder, out, dtype: str = "fp16") -> P
     """One file: the EMO model plus the VAE and the wav2vec2 it was trained with (under `vae.` and
     `audio_encoder.`, their configs in the metadata), so it runs with nothing else to download."""
     from .audio import Wav2Vec2Features
+    from .vae import load_vae_folder
 
     config, state_dict, looks_like = load_checkpoint(checkpoint)
     model = build_model(config, state_dict, Path(checkpoint).name, looks_like)

@@ -13,6 +13,26 @@ import torch
 from diffusers import AutoencoderKL
 
 
+def load_vae_folder(folder) -> AutoencoderKL:
+    """A diffusers VAE folder (config.json + weights, as `train-vae` writes and SD VAE releases ship), with a clear
+    error for anything else."""
+    folder = Path(folder)
+    what = "a diffusers VAE folder (config.json and diffusion_pytorch_model.safetensors, as train-vae writes)"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the VAE {folder} is not a folder: give {what}")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"the VAE folder {folder} has no readable config.json ({e}): give {what}") from None
+    if config.get("_class_name") != "AutoencoderKL":
+        raise ValueError(f"{folder} holds a {config.get('_class_name') or 'model without a class name'}, not a VAE: "
+                         f"give {what}")
+    if not any((folder / f"diffusion_pytorch_model.{ext}").is_file() for ext in ("safetensors", "bin")):
+        raise FileNotFoundError(f"the VAE folder {folder} has no weights (diffusion_pytorch_model.safetensors): "
+                                f"give {what}")
+    return AutoencoderKL.from_pretrained(folder, local_files_only=True)
+
+
 class DiffusersVAE:
     def __init__(self, vae: AutoencoderKL, scale: float = 0.18215, decode_batch: int = 8):
         self.vae, self.scale, self.decode_batch = vae, scale, decode_batch
@@ -23,7 +43,7 @@ class DiffusersVAE:
         beside it or given explicitly."""
         weights = Path(weights)
         if weights.is_dir():
-            vae = AutoencoderKL.from_pretrained(weights, local_files_only=True)
+            vae = load_vae_folder(weights)
         else:
             from .checkpoint import read_state_dict
 
