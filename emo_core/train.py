@@ -626,6 +626,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
     note = f" ({stopped}; --resume continues)" if stopped else ""
     log(f"[train] stage {cfg.stage}: {step}/{cfg.steps} steps in {time.perf_counter() - started:.0f}s{note}; model: "
         f"{out / 'model.safetensors'}, loss log: {out / 'log.csv'}, plot: {out / 'loss.svg'}")
+    if stopped == "interrupted":
+        raise KeyboardInterrupt  # saved; still not a finished stage (a script must not go on to the next one)
     return out / "model.safetensors"
 
 
@@ -756,6 +758,8 @@ def train_vae(data: PreparedDataset, out, steps: int = 3000, batch_size: int = 3
     note = f" ({stopped})" if stopped else ""
     log(f"[train-vae] {step} steps in {time.perf_counter() - started:.0f}s{note}: reconstruction PSNR {psnr:.1f} dB, "
         f"scaling factor {vae.config.scaling_factor:.4f} -> {out}")
+    if stopped == "interrupted":
+        raise KeyboardInterrupt  # saved, but not the VAE that was asked for
     return out
 
 
@@ -853,3 +857,5 @@ def main(argv=None):
             print(f"[bundle] wrote {bundle(args.checkpoint, args.vae, args.audio_encoder, args.out, args.dtype)}")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)  # Ctrl-C, after what was done is saved: the shell's code for it, so `set -e` scripts stop

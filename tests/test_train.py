@@ -17,6 +17,7 @@ from emo_core.face import YuNetDetector
 from emo_core.synthetic import speech, write_clip
 from emo_core.train import (ClipSamples, TrainConfig, TrainingStep, _pixels, bundle, train, train_vae,
                             trainable_names)
+from emo_core.train import main as train_main  # the command line: python -m emo_core train ...
 from emo_core.video import VideoWriter
 
 from .conftest import face_fixture_dir
@@ -403,6 +404,28 @@ def test_an_error_in_training_keeps_the_steps_done(workdir, monkeypatch):
     assert any("resumed" in line and "at step 2" in line for line in lines)
     steps = [int(line.split(",")[0]) for line in (root / "failing" / "log.csv").read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4]
+
+
+def test_ctrl_c_saves_the_steps_done_and_the_command_fails(workdir, monkeypatch):
+    root, _ = workdir
+    forward, calls = TrainingStep.forward, []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return forward(self, *args)
+
+    monkeypatch.setattr(TrainingStep, "forward", interrupted)
+    cfg = _config(root, 1, "ctrl_c", steps=4, save_every=100)
+    with pytest.raises(SystemExit) as stop:  # a script running the stages in turn must not go on to the next
+        train_main(["train", str(root / "ctrl_c.json")])
+    assert stop.value.code == 130
+    assert json.loads((root / "ctrl_c" / "checkpoints" / "step_0000002" / "step.json").read_text()) == {"step": 2}
+    monkeypatch.setattr(TrainingStep, "forward", forward)
+    lines = []
+    train(cfg, resume=True, log=lines.append)
+    assert any("resumed" in line and "at step 2" in line for line in lines)
 
 
 def test_resume_continues_and_mismatches_are_refused(workdir):
