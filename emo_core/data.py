@@ -45,10 +45,10 @@ def prepare_video(path: Path, encoder, detector, size: int, fps: float, centres:
                   min_face: float = 0.5) -> dict:
     """One video -> the tensors listed in the module docstring. Raises SkipVideo with the reason."""
     from .face import NoFaceError, crop_image, face_crop, head_pose, rotation_speed, track_faces, unit_float
-    from .video import read_video
+    from .video import VideoFrames
 
     try:
-        frames, _ = read_video(path, fps=fps)
+        video = VideoFrames(path, fps=fps, batch=16, channels_first=True)
     except (ValueError, FileNotFoundError) as e:
         raise SkipVideo(f"unreadable video: {e}") from None
     try:
@@ -57,20 +57,31 @@ def prepare_video(path: Path, encoder, detector, size: int, fps: float, centres:
         raise SkipVideo(f"no usable audio: {e}") from None
     if float(waveform.abs().max()) < 1e-4:
         raise SkipVideo("the audio is silent")
-    count = min(frames.shape[0], int(waveform.shape[0] / 16000 * fps))
-    if count < min_frames:
-        raise SkipVideo(f"too short: {count} frames with both picture and sound, at least {min_frames} needed")
-    images = frames[:count].permute(0, 3, 1, 2)  # (S, 3, H, W) uint8: made float a few frames at a time
+    # The frames that have sound, read three times (faces, their landmarks, the crops) rather than held whole.
+    video.max_frames = int(waveform.shape[0] / 16000 * fps)
     try:
-        boxes, landmarks, found = track_faces(detector, images)
+        boxes, landmarks, found = track_faces(detector, video)
     except NoFaceError:
         raise SkipVideo("no face found") from None
+    except ValueError as e:
+        raise SkipVideo(f"unreadable video: {e}") from None
+    count = len(boxes)
+    if count < min_frames:
+        raise SkipVideo(f"too short: {count} frames with both picture and sound, at least {min_frames} needed")
     if float(found.float().mean()) < min_face:
         raise SkipVideo(f"the face is found in only {100 * float(found.float().mean()):.0f}% of the frames")
-    height, width = images.shape[-2:]
     box = tuple(np.median(np.asarray(boxes), axis=0).tolist())  # one crop for the whole video: stable framing
-    crop = face_crop(box, height, width, size)
-    crops = torch.cat([crop_image(unit_float(images[i:i + 32]), crop) for i in range(0, count, 32)])
+    crops = []  # (S, size, size, 3) uint8
+    try:
+        for images in video:
+            crop = face_crop(box, *images.shape[-2:], size)
+            pixels = crop_image(unit_float(images), crop).clamp(0, 1) * 255
+            crops.append(pixels.round().to(torch.uint8).permute(0, 2, 3, 1))
+    except ValueError as e:
+        raise SkipVideo(f"unreadable video: {e}") from None
+    crops = torch.cat(crops)
+    if crops.shape[0] != count:
+        raise SkipVideo(f"unreadable video: {crops.shape[0]} frames on its last reading, {count} before")
     scale = size / crop.side
     offset = torch.tensor([crop.cx - crop.side / 2, crop.cy - crop.side / 2] * 2)
     crop_boxes = (torch.tensor(boxes, dtype=torch.float32) - offset) * scale
@@ -82,7 +93,7 @@ def prepare_video(path: Path, encoder, detector, size: int, fps: float, centres:
     if features.shape[0] < count:
         features = torch.cat([features, features[-1:].expand(count - features.shape[0], -1, -1)])
     return {
-        "frames": (crops.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous(),
+        "frames": crops.contiguous(),
         "boxes": crop_boxes.contiguous(),
         "found": found.to(torch.uint8),
         "poses": poses,

@@ -187,15 +187,21 @@ def face_box_mask(faces: list, height: int, width: int, expand: float = 1.2, fac
     return box_mask(expand_box(face.box, expand, height, width), height, width)
 
 
-def track_faces(detector: YuNetDetector, frames: torch.Tensor, face_index: int = 0, batch: int = 16):
-    """Per video frame (S, C, H, W), float in [0, 1] or uint8: the chosen face's box and landmarks. The face is
-    chosen by size rank in the first frame that has one, then followed by overlap (so two people never swap).
-    Frames where it is not found take the nearest earlier (else later) detection. The landmarks are then read again
-    at a steady face size (refine_landmarks). Returns (boxes [S x (x0, y0, x1, y1)], landmarks (S, 5, 2), found
-    (S,) bool)."""
+def _batches(frames, batch: int):
+    """A (S, C, H, W) tensor `batch` frames at a time, or the batches of a re-iterable source such as VideoFrames
+    (a long video decoded again on each pass rather than held whole)."""
+    return frames.split(batch) if isinstance(frames, torch.Tensor) else iter(frames)
+
+
+def track_faces(detector: YuNetDetector, frames, face_index: int = 0, batch: int = 16):
+    """Per video frame: the chosen face's box and landmarks. `frames`: (S, C, H, W), float in [0, 1] or uint8, or
+    a re-iterable of such batches (VideoFrames with channels_first; it is read twice). The face is chosen by size
+    rank in the first frame that has one, then followed by overlap (so two people never swap). Frames where it is
+    not found take the nearest earlier (else later) detection. The landmarks are then read again at a steady face
+    size (refine_landmarks). Returns (boxes [S x (x0, y0, x1, y1)], landmarks (S, 5, 2), found (S,) bool)."""
     picked, previous = [], None
-    for start in range(0, frames.shape[0], batch):
-        for faces in detector.detect(frames[start:start + batch]):
+    for chunk in _batches(frames, batch):
+        for faces in detector.detect(chunk, batch):
             if previous is None:
                 face = faces[face_index] if len(faces) > face_index else None
             else:
@@ -204,7 +210,7 @@ def track_faces(detector: YuNetDetector, frames: torch.Tensor, face_index: int =
             previous = face or previous
     found = torch.tensor([f is not None for f in picked])
     if not found.any():
-        raise NoFaceError(f"no face found in any of the {frames.shape[0]} frames")
+        raise NoFaceError(f"no face found in any of the {len(picked)} frames")
     known = [i for i, f in enumerate(picked) if f is not None]
     filled = [picked[i] if picked[i] is not None else picked[max([k for k in known if k < i], default=known[0])]
               for i in range(len(picked))]
@@ -212,26 +218,28 @@ def track_faces(detector: YuNetDetector, frames: torch.Tensor, face_index: int =
     return [f.box for f in filled], landmarks, found
 
 
-def refine_landmarks(detector: YuNetDetector, frames: torch.Tensor, faces: list, batch: int = 16) -> torch.Tensor:
-    """(S, 5, 2) landmarks of the given per-frame faces of one video, read again on one crop around all of them,
-    scaled so that the face is LANDMARK_FACE_SIZE pixels wide. YuNet's landmarks are far steadier on faces of
-    ~200 px than on small ones, and one crop and scale for the whole video keeps their small biases the same from
-    frame to frame (a crop per frame, following the jittering box, adds jitter). On the demo's synthetic heads
-    (53 px faces in 128 px videos) the per-video head speed measured from these landmarks correlates 0.91 with the
-    true speed (pose fit and slopes as below), against about 0.8 from the whole-frame landmarks. A frame where the
-    crop shows no face overlapping the expected one keeps its whole-frame landmarks."""
+def refine_landmarks(detector: YuNetDetector, frames, faces: list, batch: int = 16) -> torch.Tensor:
+    """(S, 5, 2) landmarks of the given per-frame faces of one video (frames as for track_faces), read again on
+    one crop around all of them, scaled so that the face is LANDMARK_FACE_SIZE pixels wide. YuNet's landmarks are
+    far steadier on faces of ~200 px than on small ones, and one crop and scale for the whole video keeps their
+    small biases the same from frame to frame (a crop per frame, following the jittering box, adds jitter). On the
+    demo's synthetic heads (53 px faces in 128 px videos) the per-video head speed measured from these landmarks
+    correlates 0.91 with the true speed (pose fit and slopes as below), against about 0.8 from the whole-frame
+    landmarks. A frame where the crop shows no face overlapping the expected one keeps its whole-frame landmarks."""
     x0, y0, x1, y1 = union_box([f.box for f in faces])
     face_side = float(torch.tensor([max(f.box[2] - f.box[0], f.box[3] - f.box[1]) for f in faces]).median())
     side = 1.5 * max(x1 - x0, y1 - y0)
     # a head that wanders over a large frame would make a huge crop: then the face is read smaller
     size = int(min(side * LANDMARK_FACE_SIZE / max(face_side, 1.0), LANDMARK_CROP_MAX))
-    crop = Crop((x0 + x1) / 2, (y0 + y1) / 2, side, size, *frames.shape[-2:])
     refined = []
-    for start in range(0, len(faces), batch):
-        chunk = crop_image(unit_float(frames[start:start + batch]), crop)
-        for face, found in zip(faces[start:start + batch], detector.detect(chunk)):
+    for chunk in _batches(frames, batch):
+        crop = Crop((x0 + x1) / 2, (y0 + y1) / 2, side, size, *chunk.shape[-2:])
+        for face, found in zip(faces[len(refined):len(refined) + len(chunk)],
+                               detector.detect(crop_image(unit_float(chunk), crop), batch)):
             best = _overlapping(found, crop.map_face(face).box, 0.3)
             refined.append(face.landmarks if best is None else crop.unmap_face(best).landmarks)
+    if len(refined) != len(faces):
+        raise ValueError(f"{len(faces)} faces for {len(refined)} frames: the frames changed between two readings")
     return torch.stack(refined)
 
 

@@ -138,47 +138,87 @@ def first_frame_times(path) -> tuple[float | None, float | None]:
     return times[0], times[1]
 
 
-def read_video(path, fps: float | None = None, max_frames: int | None = None) -> tuple[torch.Tensor, float]:
-    """Decode the first video stream -> (frames (S, H, W, 3) uint8 RGB, fps). With `fps`, the frames are resampled
-    to that rate by picking, for each output time, the frame shown at that moment (nearest earlier timestamp)."""
-    import av
+class VideoFrames:
+    """A video file's frames, decoded anew on each pass over it and handed out `batch` at a time as uint8 RGB,
+    (B, H, W, 3), or (B, 3, H, W) with `channels_first`: a long 1080p video is read several times rather than held
+    whole (a minute of it is 9 GB of pixels). With `fps`, the frames are resampled to that rate by picking, for
+    each output time, the frame shown at that moment (nearest earlier timestamp); at most `max_frames` of them."""
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"video file not found: {path}")
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError(f"{path.name} has no video stream")
-            stream = container.streams.video[0]
-            native = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-            # Resampling as frames arrive, so that only the frames kept are held: output frame k (time k / fps)
-            # is the latest decoded frame shown at that moment; a frame is known to be the one for the output
-            # times before the next frame's time once that next frame arrives.
-            frames, decoded, start, shown, last, enough = [], 0, None, None, 0.0, False
-            for frame in container.decode(stream):
-                time = float(frame.time) if frame.time is not None else decoded / native
-                decoded += 1
-                if fps is None:
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                else:
+    def __init__(self, path, fps: float | None = None, max_frames: int | None = None, batch: int = 32,
+                 channels_first: bool = False):
+        import av
+
+        self.path, self.max_frames, self.batch, self.channels_first = Path(path), max_frames, batch, channels_first
+        if not self.path.is_file():
+            raise FileNotFoundError(f"video file not found: {self.path}")
+        try:
+            with av.open(str(self.path)) as container:
+                if not container.streams.video:
+                    raise ValueError(f"{self.path.name} has no video stream")
+                stream = container.streams.video[0]
+                self.native_fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        except av.FFmpegError as e:
+            raise ValueError(f"{self.path.name}: cannot decode video ({e})") from e
+        self.fps = self.native_fps if fps is None else float(fps)
+        self.resample = fps is not None
+
+    def __iter__(self):
+        chunk = []
+        for frame in self._frames():
+            chunk.append(frame)
+            if len(chunk) == self.batch:
+                yield self._tensor(chunk)
+                chunk = []
+        if chunk:
+            yield self._tensor(chunk)
+
+    def _tensor(self, frames: list) -> torch.Tensor:
+        images = torch.from_numpy(np.stack(frames))
+        return images.permute(0, 3, 1, 2) if self.channels_first else images
+
+    def _frames(self):
+        """(H, W, 3) uint8 arrays, one output frame at a time."""
+        import av
+
+        native, fps, limit = self.native_fps, self.fps, self.max_frames or float("inf")
+        emitted, decoded, start, shown, end = 0, 0, None, None, 0.0
+        pending = []  # output frames picked, not yet known to lie whole inside the video
+        try:
+            with av.open(str(self.path)) as container:
+                for frame in container.decode(container.streams.video[0]):
+                    time = float(frame.time) if frame.time is not None else decoded / native
+                    decoded += 1
+                    if not self.resample:
+                        yield frame.to_ndarray(format="rgb24")
+                        emitted += 1
+                        if emitted >= limit:
+                            return
+                        continue
+                    # output frame k (time k / fps) is the latest frame shown at that moment: the frame before
+                    # this one, for the output times before this one's
                     start = time if start is None else start
-                    last = time - start
-                    while shown is not None and len(frames) / fps + 1e-6 < last:
-                        frames.append(shown)
-                    shown = frame.to_ndarray(format="rgb24")
-                # enough: max_frames output frames, all of them inside the video's length in output frames
-                if max_frames and len(frames) >= max_frames and (
-                        fps is None or (last + 1 / native) * fps + 1e-6 >= max_frames):
-                    enough = True
-                    break
-    except av.FFmpegError as e:
-        raise ValueError(f"{path.name}: cannot decode video ({e})") from e
-    if fps is not None and shown is not None and not enough:
+                    while shown is not None and (emitted + len(pending)) / fps + 1e-6 < time - start:
+                        pending.append(shown)
+                    shown, end = frame.to_ndarray(format="rgb24"), time - start + 1 / native
+                    # the video lasts at least until this frame's end (one native frame time): what ends before is
+                    # a whole output frame
+                    while pending and (emitted + 1) / fps <= end + 1e-6 and emitted < limit:
+                        yield pending.pop(0)
+                        emitted += 1
+                    if emitted >= limit:
+                        return
+        except av.FFmpegError as e:
+            raise ValueError(f"{self.path.name}: cannot decode video ({e})") from e
         # as many whole output frames as the video lasts (its last frame is shown for one native frame time)
-        count = int(np.floor((last + 1 / native) * fps + 1e-6))
-        frames = (frames + [shown] * (count - len(frames)))[:count]
+        while shown is not None and (emitted + 1) / fps <= end + 1e-6 and emitted < limit:
+            yield pending.pop(0) if pending else shown
+            emitted += 1
+
+
+def read_video(path, fps: float | None = None, max_frames: int | None = None) -> tuple[torch.Tensor, float]:
+    """Decode the first video stream -> (frames (S, H, W, 3) uint8 RGB, fps): the whole of VideoFrames at once."""
+    video = VideoFrames(path, fps, max_frames)
+    frames = list(video)
     if not frames:
-        raise ValueError(f"{path.name} contains no video frames")
-    frames = frames[:max_frames] if max_frames else frames
-    return torch.from_numpy(np.stack(frames)), native if fps is None else float(fps)
+        raise ValueError(f"{Path(path).name} contains no video frames")
+    return torch.cat(frames), video.fps

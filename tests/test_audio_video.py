@@ -300,7 +300,7 @@ def test_main_command_without_a_face(tmp_path):
 @pytest.mark.parametrize("native", [60, 24])
 def test_videos_are_resampled_to_the_training_frame_rate(tmp_path, native):
     """Output frame k (at k / 25 s) is the native frame shown at that moment; as many as the video lasts."""
-    from emo_core.video import read_video
+    from emo_core.video import VideoFrames, read_video
 
     count = int(native * 1.5)
     frames = (torch.arange(count) * 250 // count / 255).view(-1, 1, 1, 1).expand(-1, 16, 16, 3)  # frame i: grey i
@@ -313,6 +313,11 @@ def test_videos_are_resampled_to_the_training_frame_rate(tmp_path, native):
     torch.testing.assert_close(levels, torch.tensor([i * 250 // count for i in shown], dtype=torch.float), atol=2.5,
                                rtol=0)
     assert read_video(tmp_path / "in.mp4", fps=25, max_frames=7)[0].shape[0] == 7
+    video = VideoFrames(tmp_path / "in.mp4", fps=25, batch=4, channels_first=True)  # prepare's way: by batches
+    for _ in range(2):  # decoded anew on each pass
+        batches = list(video)
+        assert [b.shape[0] for b in batches[:-1]] == [4] * (len(batches) - 1)
+        assert torch.equal(torch.cat(batches), got.permute(0, 3, 1, 2))
     with VideoWriter(tmp_path / "short.mp4", native) as writer:  # 4 native frames last 4 / native s
         writer.write(frames[:4])
     whole = int((4 / native) * 25 + 1e-6)  # output frames inside that length, however many are asked for

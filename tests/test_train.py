@@ -12,7 +12,7 @@ from safetensors import safe_open
 from emo_core.audio import Wav2Vec2Features, random_audio_encoder
 from emo_core.checkpoint import CheckpointError, load_checkpoint, load_model, read_metadata
 from emo_core.config import preset
-from emo_core.data import PreparedDataset, prepare
+from emo_core.data import PreparedDataset, prepare, prepare_video
 from emo_core.face import YuNetDetector
 from emo_core.synthetic import speech, write_clip
 from emo_core.train import (ClipSamples, TrainConfig, TrainingStep, _pixels, bundle, train, train_vae,
@@ -68,6 +68,26 @@ def test_prepare_keeps_good_videos_and_reports_bad_ones(workdir):
     assert int(video["speed_bucket"].max()) < len(index["speed_centres"])
     boxes = video["boxes"]
     assert bool((boxes[:, 2] > boxes[:, 0]).all()) and float(boxes.max()) <= SIZE * 1.5
+
+
+def test_prepare_holds_a_batch_of_a_long_video_not_the_whole_of_it(workdir, photo, tmp_path):
+    """A minute of 1080p is 9 GB of pixels: a video is read batch by batch, once for the faces, once for their
+    landmarks, once for the crops. Here 10 s at 256 px (49 MB decoded) must never be in memory at once."""
+    import tracemalloc
+
+    root, _ = workdir
+    frames = torch.nn.functional.interpolate(photo, size=(256, 256), mode="area").expand(250, -1, -1, -1)
+    _write(tmp_path / "long.mp4", frames, speech(10.0, 5)[0])
+    encoder = Wav2Vec2Features.from_files(root / "encoder")
+    detector = YuNetDetector(face_fixture_dir() / "yunet_final.pth")
+    tracemalloc.start()  # counts numpy's arrays: every decoded frame
+    try:
+        data = prepare_video(tmp_path / "long.mp4", encoder, detector, SIZE, 25, [0.0, 1.0], min_frames=6)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert data["frames"].shape == (250, SIZE, SIZE, 3) and bool(data["found"].all())
+    assert peak < 12e6, f"{peak / 1e6:.0f} MB held at once for a 49 MB video"
 
 
 def test_prepared_videos_and_the_vae_are_readable_like_any_new_file(workdir):
