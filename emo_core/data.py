@@ -57,8 +57,11 @@ def prepare_video(path: Path, encoder, detector, size: int, fps: float, centres:
         raise SkipVideo(f"no usable audio: {e}") from None
     if float(waveform.abs().max()) < 1e-4:
         raise SkipVideo("the audio is silent")
+    heard = int(waveform.shape[0] / 16000 * fps)
+    if heard < min_frames:
+        raise SkipVideo(f"too short: {heard} frames of sound, at least {min_frames} needed")
     # The frames that have sound, read three times (faces, their landmarks, the crops) rather than held whole.
-    video.max_frames = int(waveform.shape[0] / 16000 * fps)
+    video.max_frames = heard
     try:
         boxes, landmarks, found = track_faces(detector, video)
     except NoFaceError:

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from emo_core.audio import Wav2Vec2Features, random_audio_encoder
 from emo_core.checkpoint import CheckpointError, load_checkpoint, load_model, read_metadata
 from emo_core.config import preset
-from emo_core.data import PreparedDataset, prepare, prepare_video
+from emo_core.data import PreparedDataset, SkipVideo, prepare, prepare_video
 from emo_core.face import YuNetDetector
 from emo_core.synthetic import speech, write_clip
 from emo_core.train import (ClipSamples, TrainConfig, TrainingStep, _pixels, bundle, train, train_vae,
@@ -88,6 +88,16 @@ def test_prepare_holds_a_batch_of_a_long_video_not_the_whole_of_it(workdir, phot
         tracemalloc.stop()
     assert data["frames"].shape == (250, SIZE, SIZE, 3) and bool(data["found"].all())
     assert peak < 12e6, f"{peak / 1e6:.0f} MB held at once for a 49 MB video"
+
+
+def test_prepare_skips_a_video_too_short_for_one_clip(workdir, photo, tmp_path):
+    root, _ = workdir
+    frames = torch.nn.functional.interpolate(photo, size=(128, 128), mode="area").expand(3, -1, -1, -1)
+    _write(tmp_path / "short.mp4", frames, speech(1.0, 5)[0])  # the sound is cut to the picture's 3 frames
+    encoder = Wav2Vec2Features.from_files(root / "encoder")
+    detector = YuNetDetector(face_fixture_dir() / "yunet_final.pth")
+    with pytest.raises(SkipVideo, match="too short: 3 frames of sound, at least 6 needed"):
+        prepare_video(tmp_path / "short.mp4", encoder, detector, SIZE, 25, [0.0, 1.0], min_frames=6)
 
 
 def test_prepared_videos_and_the_vae_are_readable_like_any_new_file(workdir):
