@@ -180,19 +180,20 @@ class VideoFrames:
         """(H, W, 3) uint8 arrays, one output frame at a time."""
         import av
 
-        native, fps, limit = self.native_fps, self.fps, self.max_frames or float("inf")
+        native, fps = self.native_fps, self.fps
+        limit = float("inf") if self.max_frames is None else self.max_frames
         emitted, decoded, start, shown, end = 0, 0, None, None, 0.0
         pending = []  # output frames picked, not yet known to lie whole inside the video
         try:
             with av.open(str(self.path)) as container:
                 for frame in container.decode(container.streams.video[0]):
+                    if emitted >= limit:
+                        return
                     time = float(frame.time) if frame.time is not None else decoded / native
                     decoded += 1
                     if not self.resample:
                         yield frame.to_ndarray(format="rgb24")
                         emitted += 1
-                        if emitted >= limit:
-                            return
                         continue
                     # output frame k (time k / fps) is the latest frame shown at that moment: the frame before
                     # this one, for the output times before this one's
@@ -205,8 +206,6 @@ class VideoFrames:
                     while pending and (emitted + 1) / fps <= end + 1e-6 and emitted < limit:
                         yield pending.pop(0)
                         emitted += 1
-                    if emitted >= limit:
-                        return
         except av.FFmpegError as e:
             raise ValueError(f"{self.path.name}: cannot decode video ({e})") from e
         # as many whole output frames as the video lasts (its last frame is shown for one native frame time)
