@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Reproduces the bundled demo model (emo_core/assets/emo-demo.safetensors) from nothing with the project's own
 # commands, on CPU: synthetic talking faces -> data preparation -> small VAE -> stages 1, 2, 3 -> one bundled file.
-# About 47 minutes on 2 cores at this machine's morning speed of 2026-12-02; the run that made the shipped file, in
-# a slow hour of that afternoon (VAE steps 0.86 s against 0.63 s in the morning, stage steps 30-45 % slower), took
-# 66 min = synthetic clips 4.1, prepare 6.5, VAE 18.7, stages 12.0 + 14.2 + 9.5; the closing eval-synthetic adds
-# 12-18.
+# About 51 minutes on 2 cores at this machine's morning speed of 2026-12-02, about 70 in a slow hour (the end-to-end
+# run of that afternoon took 66 min = synthetic clips 4.1, prepare 6.5, VAE 18.7, stages 12.0 + 14.2 + 9.5, with
+# the stage-2 recipe of then, which trained only the new modules: the whole network trains now, ~4 min more). The
+# shipped file is that run's data, VAE and stage 1 with stages 2 and 3 run again by these configs on 2026-12-03.
+# The closing eval-synthetic adds 7-18.
 # Work files go to out/demo-train/ (ignored by git).
 #   bash scripts/train_demo.sh [YUNET_WEIGHTS]     (default: ../shared/fixtures/face/yunet_final.pth)
 set -euo pipefail
