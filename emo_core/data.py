@@ -82,9 +82,10 @@ def prepare_video(path: Path, encoder, detector, size: int, fps: float, centres:
             crops.append(pixels.round().to(torch.uint8).permute(0, 2, 3, 1))
     except ValueError as e:
         raise SkipVideo(f"unreadable video: {e}") from None
+    if sum(c.shape[0] for c in crops) != count:
+        raise SkipVideo(f"unreadable video: {sum(c.shape[0] for c in crops)} frames on its last reading, {count} "
+                        f"before")
     crops = torch.cat(crops)
-    if crops.shape[0] != count:
-        raise SkipVideo(f"unreadable video: {crops.shape[0]} frames on its last reading, {count} before")
     scale = size / crop.side
     offset = torch.tensor([crop.cx - crop.side / 2, crop.cy - crop.side / 2] * 2)
     crop_boxes = (torch.tensor(boxes, dtype=torch.float32) - offset) * scale

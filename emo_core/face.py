@@ -208,6 +208,8 @@ def track_faces(detector: YuNetDetector, frames, face_index: int = 0, batch: int
                 face = _overlapping(faces, previous.box, 0.1)
             picked.append(face)
             previous = face or previous
+    if not picked:
+        raise EMOInputError("there are no frames to find a face in")
     found = torch.tensor([f is not None for f in picked])
     if not found.any():
         raise NoFaceError(f"no face found in any of the {len(picked)} frames")
@@ -231,15 +233,16 @@ def refine_landmarks(detector: YuNetDetector, frames, faces: list, batch: int = 
     side = 1.5 * max(x1 - x0, y1 - y0)
     # a head that wanders over a large frame would make a huge crop: then the face is read smaller
     size = int(min(side * LANDMARK_FACE_SIZE / max(face_side, 1.0), LANDMARK_CROP_MAX))
-    refined = []
+    refined, seen = [], 0
     for chunk in _batches(frames, batch):
         crop = Crop((x0 + x1) / 2, (y0 + y1) / 2, side, size, *chunk.shape[-2:])
-        for face, found in zip(faces[len(refined):len(refined) + len(chunk)],
-                               detector.detect(crop_image(unit_float(chunk), crop), batch)):
+        detected = detector.detect(crop_image(unit_float(chunk), crop), batch)
+        for face, found in zip(faces[seen:seen + len(chunk)], detected):
             best = _overlapping(found, crop.map_face(face).box, 0.3)
             refined.append(face.landmarks if best is None else crop.unmap_face(best).landmarks)
-    if len(refined) != len(faces):
-        raise ValueError(f"{len(faces)} faces for {len(refined)} frames: the frames changed between two readings")
+        seen += len(chunk)
+    if seen != len(faces):
+        raise EMOInputError(f"{len(faces)} faces for {seen} frames: the frames changed between two readings")
     return torch.stack(refined)
 
 

@@ -194,6 +194,8 @@ class VideoFrames:
                     if not self.resample:
                         yield frame.to_ndarray(format="rgb24")
                         emitted += 1
+                        if emitted >= limit:  # (not decoding one frame more: it might be damaged)
+                            return
                         continue
                     # output frame k (time k / fps) is the latest frame shown at that moment: the frame before
                     # this one, for the output times before this one's
@@ -206,6 +208,8 @@ class VideoFrames:
                     while pending and (emitted + 1) / fps <= end + 1e-6 and emitted < limit:
                         yield pending.pop(0)
                         emitted += 1
+                    if emitted >= limit:
+                        return
         except av.FFmpegError as e:
             raise ValueError(f"{self.path.name}: cannot decode video ({e})") from e
         # as many whole output frames as the video lasts (its last frame is shown for one native frame time)

@@ -196,6 +196,9 @@ def test_tracking_fills_frames_without_a_face(detector, photo):
     assert found.tolist() == [True, False, True] and boxes[1] == boxes[0]
     with pytest.raises(NoFaceError, match="any of the 2 frames"):
         track_faces(detector, torch.full((2, 3, 128, 128), 0.5))
+    with pytest.raises(EMOInputError, match="no frames") as empty:  # an empty video is not a video without a face
+        track_faces(detector, torch.zeros(0, 3, 128, 128))
+    assert not isinstance(empty.value, NoFaceError)
 
 
 def test_hallo_region_masks(detector, photo):
