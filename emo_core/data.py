@@ -82,9 +82,9 @@ def prepare_video(path: Path, encoder, detector, size: int, fps: float, centres:
             crops.append(pixels.round().to(torch.uint8).permute(0, 2, 3, 1))
     except ValueError as e:
         raise SkipVideo(f"unreadable video: {e}") from None
-    if sum(c.shape[0] for c in crops) != count:
-        raise SkipVideo(f"unreadable video: {sum(c.shape[0] for c in crops)} frames on its last reading, {count} "
-                        f"before")
+    cropped = sum(c.shape[0] for c in crops)
+    if cropped != count:
+        raise SkipVideo(f"unreadable video: {cropped} frames on its last reading, {count} before")
     crops = torch.cat(crops)
     scale = size / crop.side
     offset = torch.tensor([crop.cx - crop.side / 2, crop.cy - crop.side / 2] * 2)

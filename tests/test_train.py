@@ -70,7 +70,7 @@ def test_prepare_keeps_good_videos_and_reports_bad_ones(workdir):
     assert bool((boxes[:, 2] > boxes[:, 0]).all()) and float(boxes.max()) <= SIZE * 1.5
 
 
-def test_prepare_holds_a_batch_of_a_long_video_not_the_whole_of_it(workdir, photo, tmp_path):
+def test_prepare_holds_a_batch_of_a_long_video_not_the_whole_of_it(workdir, detector, photo, tmp_path):
     """A minute of 1080p is 9 GB of pixels: a video is read batch by batch, once for the faces, once for their
     landmarks, once for the crops. Here 10 s at 256 px (49 MB decoded) must never be in memory at once."""
     import tracemalloc
@@ -79,7 +79,6 @@ def test_prepare_holds_a_batch_of_a_long_video_not_the_whole_of_it(workdir, phot
     frames = torch.nn.functional.interpolate(photo, size=(256, 256), mode="area").expand(250, -1, -1, -1)
     _write(tmp_path / "long.mp4", frames, speech(10.0, 5)[0])
     encoder = Wav2Vec2Features.from_files(root / "encoder")
-    detector = YuNetDetector(face_fixture_dir() / "yunet_final.pth")
     tracemalloc.start()  # counts numpy's arrays: every decoded frame
     try:
         data = prepare_video(tmp_path / "long.mp4", encoder, detector, SIZE, 25, [0.0, 1.0], min_frames=6)
@@ -90,12 +89,11 @@ def test_prepare_holds_a_batch_of_a_long_video_not_the_whole_of_it(workdir, phot
     assert peak < 12e6, f"{peak / 1e6:.0f} MB held at once for a 49 MB video"
 
 
-def test_prepare_skips_a_video_too_short_for_one_clip(workdir, photo, tmp_path):
+def test_prepare_skips_a_video_too_short_for_one_clip(workdir, detector, photo, tmp_path):
     root, _ = workdir
     frames = torch.nn.functional.interpolate(photo, size=(128, 128), mode="area").expand(3, -1, -1, -1)
     _write(tmp_path / "short.mp4", frames, speech(1.0, 5)[0])  # the sound is cut to the picture's 3 frames
     encoder = Wav2Vec2Features.from_files(root / "encoder")
-    detector = YuNetDetector(face_fixture_dir() / "yunet_final.pth")
     with pytest.raises(SkipVideo, match="too short: 3 frames of sound, at least 6 needed"):
         prepare_video(tmp_path / "short.mp4", encoder, detector, SIZE, 25, [0.0, 1.0], min_frames=6)
 
