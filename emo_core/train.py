@@ -78,6 +78,7 @@ class TrainConfig:
     face_expand: float = 1.2
     noise_correlation: float | None = None  # set the model's noise_correlation (default: keep the init's)
     trainable: list | None = None  # override: parameter-name parts to train (default: STAGE_TRAINABLE)
+    frozen: list | None = None  # parameter-name parts that never train, whatever trainable or the stage selects
     latent_scale: float | str | None = None  # stage 1: a number, "vae" (the VAE's scaling_factor) or the model's
     seed: int = 0
     save_every: int = 1000
@@ -124,9 +125,11 @@ class TrainConfig:
         if isinstance(cfg.latent_scale, str) and cfg.latent_scale != "vae":
             raise ValueError(f"{path}: latent_scale is a number or \"vae\" (the VAE's scaling_factor), "
                              f"got {cfg.latent_scale!r}")
-        if cfg.trainable is not None and not all(isinstance(n, str) and n for n in cfg.trainable):
-            raise ValueError(f"{path}: trainable is a list of parameter-name parts such as \"motion_modules\", "
-                             f"got {cfg.trainable!r}")
+        for name in ("trainable", "frozen"):
+            parts = getattr(cfg, name)
+            if parts is not None and not all(isinstance(n, str) and n for n in parts):
+                raise ValueError(f"{path}: {name} is a list of parameter-name parts such as \"motion_modules\", "
+                                 f"got {parts!r}")
         return cfg
 
 
@@ -158,8 +161,9 @@ def _type_words(annotation: str) -> str:
 
 # ---- choosing what trains ---------------------------------------------------------------------------------------
 
-def trainable_names(model: nn.Module, stage: int, override: list | None = None) -> list:
+def trainable_names(model: nn.Module, stage: int, override: list | None = None, frozen: list | None = None) -> list:
     include, exclude = (override, []) if override else STAGE_TRAINABLE[stage]
+    exclude = list(exclude) + list(frozen or [])
     names = []
     for name, _ in model.named_parameters():
         parts = name.split(".")
@@ -168,11 +172,12 @@ def trainable_names(model: nn.Module, stage: int, override: list | None = None) 
     return names
 
 
-def freeze_for_stage(model: nn.Module, stage: int, override: list | None = None) -> list:
+def freeze_for_stage(model: nn.Module, stage: int, override: list | None = None, frozen: list | None = None) -> list:
     """requires_grad only on what the stage trains; returns those parameters."""
-    names = set(trainable_names(model, stage, override))
+    names = set(trainable_names(model, stage, override, frozen))
     if not names:
-        raise ValueError(f"nothing to train in stage {stage} (trainable {override or STAGE_TRAINABLE[stage]})")
+        raise ValueError(f"nothing to train in stage {stage} (trainable {override or STAGE_TRAINABLE[stage][0]}"
+                         f"{f', frozen {frozen}' if frozen else ''})")
     for name, p in model.named_parameters():
         p.requires_grad_(name in names)
     return [p for n, p in model.named_parameters() if n in names]
@@ -512,11 +517,12 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
                              f"this config is stage {cfg.stage} of {model.cfg.name!r}"
                              f"{' with other model settings: ' + ', '.join(differ) if differ else ''}. Use the "
                              f"run's own config, or a new output folder (nothing was changed)")
-        trained = before.get("train_config", {}).get("trainable")
-        if trained != cfg.trainable:
-            raise ValueError(f"cannot resume: {out} was trained with trainable {trained!r}, this config says "
-                             f"{cfg.trainable!r}; the saved optimizer state is for those parameters. Use the run's "
-                             f"own setting, or a new output folder (nothing was changed)")
+        for name in ("trainable", "frozen"):
+            trained = before.get("train_config", {}).get(name)
+            if trained != getattr(cfg, name):
+                raise ValueError(f"cannot resume: {out} was trained with {name} {trained!r}, this config says "
+                                 f"{getattr(cfg, name)!r}; the saved optimizer state is for those parameters. Use the "
+                                 f"run's own setting, or a new output folder (nothing was changed)")
     elif resume:
         raise ValueError(f"--resume: {out} holds no training run to continue")
     data = PreparedDataset(cfg.data)
@@ -527,7 +533,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
     if cfg.gradient_checkpointing:
         model.reference_net.set_gradient_checkpointing(True)
         model.backbone.set_gradient_checkpointing(True)
-    params = freeze_for_stage(model, cfg.stage, cfg.trainable)
+    params = freeze_for_stage(model, cfg.stage, cfg.trainable, cfg.frozen)
     count = sum(p.numel() for p in params)
     step_fn = TrainingStep(model, cfg.stage).train()
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

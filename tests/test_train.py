@@ -167,6 +167,7 @@ def test_config_values_out_of_range_are_refused(tmp_path):
                                 (1, {"latent_scale": "VAE"}, "latent_scale is a number or \"vae\""),
                                 (2, {"trainable": "motion_modules"}, "trainable must be a list or null"),
                                 (2, {"trainable": [1]}, "trainable is a list of parameter-name parts"),
+                                (3, {"frozen": [""]}, "frozen is a list of parameter-name parts"),
                                 (4, {}, "stage must be 1, 2 or 3"),
                                 (2, {"mixed_precison": "no"}, "unknown settings")):
         with pytest.raises(ValueError, match=message):
@@ -221,6 +222,12 @@ def test_three_stages_train_what_the_paper_trains(workdir):
     assert _changed(stage2, stage3, temporal)
     assert not _changed(stage2, stage3, audio), "stage 3 keeps the audio layers frozen"
     assert not _changed(stage2, stage3, spatial)
+    # the override: the whole network but the audio layers, which the paper keeps frozen in stage 3
+    whole = train(_config(root, 3, "stage3-whole", init=f"checkpoint:{second}", frozen=["audio_modules"],
+                          trainable=["reference_net", "backbone", "face_locator", "speed_encoder"]), log=log.append)
+    stage3_whole = _snapshot(whole)
+    assert _changed(stage2, stage3_whole, spatial) and _changed(stage2, stage3_whole, temporal)
+    assert not _changed(stage2, stage3_whole, audio)
 
     # stage 1 trained the spatial layers and the face locator, not the temporal or audio layers
     start = load_model(first).state_dict()
@@ -472,6 +479,8 @@ def test_resume_continues_and_mismatches_are_refused(workdir):
     changed = _config(root, 1, "resume", steps=4, noise_correlation=0.3)  # would change the saved model's config
     with pytest.raises(ValueError, match="other model settings: noise_correlation"):
         train(changed, resume=True, log=lambda m: None)
+    with pytest.raises(ValueError, match="trained with frozen None, this config says \\['face_locator'\\]"):
+        train(_config(root, 1, "resume", steps=4, frozen=["face_locator"]), resume=True, log=lambda m: None)
     more = _config(root, 1, "resume", steps=4)
     lines = []
     train(more, resume=True, log=lines.append)
