@@ -164,12 +164,15 @@ def _type_words(annotation: str) -> str:
 def trainable_names(model: nn.Module, stage: int, override: list | None = None, frozen: list | None = None) -> list:
     include, exclude = (override, []) if override else STAGE_TRAINABLE[stage]
     exclude = list(exclude) + list(frozen or [])
-    names = []
-    for name, _ in model.named_parameters():
-        parts = name.split(".")
-        if any(p in parts for p in include) and not any(p in parts for p in exclude):
-            names.append(name)
-    return names
+    split = [(name, name.split(".")) for name, _ in model.named_parameters()]
+    unknown = [p for p in list(override or []) + list(frozen or []) if not any(p in parts for _, parts in split)]
+    if unknown:  # a misspelt part would silently train, or freeze, something else than meant
+        tops = sorted({parts[0] for _, parts in split})
+        raise ValueError(f"trainable / frozen: {unknown} name no parameter of this model; use parts of its "
+                         f"parameter names, such as {', '.join(tops)}, motion_modules, audio_modules, "
+                         f"speed_attention")
+    return [name for name, parts in split
+            if any(p in parts for p in include) and not any(p in parts for p in exclude)]
 
 
 def freeze_for_stage(model: nn.Module, stage: int, override: list | None = None, frozen: list | None = None) -> list:

@@ -237,6 +237,16 @@ def test_three_stages_train_what_the_paper_trains(workdir):
     assert set(start) == set(stage1)
 
 
+def test_a_trainable_or_frozen_part_that_names_no_parameter_is_refused():
+    from emo_core.checkpoint import build_model
+
+    model = build_model(preset("tiny"))
+    assert trainable_names(model, 3, ["backbone"], ["audio_modules"])
+    for override, frozen in ((["backbone"], ["audio_module"]), (["backbon"], None)):
+        with pytest.raises(ValueError, match=r"name no parameter of this model.*backbone"):
+            trainable_names(model, 3, override, frozen)
+
+
 def test_first_clip_samples_start_the_video_from_its_first_frame(workdir):
     """A first-clip sample is what generation does first: the video's start, its first frame as the reference, no
     motion frames. Other clips start anywhere, with a random reference."""
