@@ -256,17 +256,18 @@ def sample(emo_model: EMOModel, reference: EMOReference, emo_audio: EMOAudio, fa
     def progress(step, total, clip, clips):
         pbar.update_absolute(step, total)
 
-    out = []
+    out, out_of_memory = [], False
     try:
         for clip in generate(patcher.model, inputs, settings, codec=codec, progress=progress,
                              cancel=_interrupted, device=patcher.load_device, dtype=emo_model.compute_dtype):
             out.append(clip.latents[0].transpose(0, 1).float().to(mm.intermediate_device()) / config.latent_scale)
-    except mm.OOM_EXCEPTION as e:
-        if not isinstance(e, torch.cuda.OutOfMemoryError):
-            raise
-        mm.soft_empty_cache()
-        raise RuntimeError("EMO ran out of GPU memory: lower frames_per_clip, the portrait size, or use fp16; "
-                           "cfg 1.0 halves the memory") from None
+    except torch.cuda.OutOfMemoryError:
+        out_of_memory = True  # raised again below, once the failed step's tensors are released with this frame
+    if out_of_memory:
+        # still an out-of-memory error, so that ComfyUI unloads every model (it only does for this type) and the
+        # next run starts with free memory; with what to change
+        raise torch.cuda.OutOfMemoryError("EMO ran out of GPU memory: lower frames_per_clip or the portrait size, "
+                                          "or load EMO with fp16; cfg 1.0 halves the memory")
     return torch.cat(out)
 
 

@@ -2,7 +2,8 @@
 a CPU. ComfyUI loads a core VAE with `load_models_gpu([vae])`, which may unload the other models to make room (all
 of them under --disable-smart-memory); Hallo's motion frames go through the VAE between clips, so the sampler
 must load the EMO model again before the next clip's denoising. Also EMO Face Mask over many frames: progress per
-batch, and ComfyUI's interrupt stops it."""
+batch, and ComfyUI's interrupt stops it; a sampler out of GPU memory raises ComfyUI's OOM type, which makes ComfyUI
+unload its models (a plain error would leave them loaded for the next run to run out of memory again)."""
 
 import json
 import os
@@ -48,6 +49,16 @@ def counted(*args, **kwargs):
 emo.patcher.model.denoise = counted
 latents = runtime.sample(emo, reference, emo_audio, None, identity, seed=0, steps=2, cfg=1.0, scheduler="ddim",
                          frames_per_clip=None, motion_frames=None, speed=1.0)
+def out_of_memory(*args, **kwargs):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test)")
+emo.patcher.model.denoise = out_of_memory
+try:
+    runtime.sample(emo, reference, emo_audio, None, identity, seed=0, steps=2, cfg=1.0, scheduler="ddim",
+                   frames_per_clip=None, motion_frames=None, speed=1.0)
+    oom = None
+except Exception as e:  # ComfyUI's executor unloads every model only for its OOM_EXCEPTION type
+    oom = [isinstance(e, mm.OOM_EXCEPTION), str(e)]
+emo.patcher.model.denoise = denoise
 ticks = []  # EMO Face Mask over a video's frames: progress per batch of 16, and it can be interrupted
 comfy.utils.set_progress_bar_global_hook(lambda value, total, *args, **kwargs: ticks.append([value, total]))
 frames = image.expand(20, -1, -1, -1)
@@ -59,7 +70,7 @@ try:
 except mm.InterruptProcessingException:
     stopped = True
 json.dump({"events": events, "frames": emo_audio.frames, "latents": list(latents.shape), "masks": list(masks.shape),
-           "ticks": ticks, "stopped": stopped}, open(out, "w"))
+           "ticks": ticks, "stopped": stopped, "oom": oom}, open(out, "w"))
 """
 
 
@@ -76,6 +87,8 @@ def test_the_emo_model_is_loaded_again_after_each_vae_call_between_clips_and_fac
     events = result["events"]
     assert result["frames"] == 10 and result["latents"][0] == 10  # 0.4 s at 25 fps, a 2-D waveform
     assert result["masks"] == [20, 64, 64] and result["ticks"] == [[16, 20], [20, 20]] and result["stopped"]
+    # out of GPU memory: still ComfyUI's OOM type (so that it unloads the models), saying what to change
+    assert result["oom"][0] and "frames_per_clip" in result["oom"][1], result["oom"]
     vae_loads = [i for i, e in enumerate(events) if e[0] == "load" and "EMONet" not in e[1]]
     assert len(vae_loads) >= 2  # motion frames decoded and encoded again between clips
     last_load = None
