@@ -109,7 +109,8 @@ class EMOFaceMask(io.ComfyNode):
             inputs=[
                 io.Image.Input("image", tooltip="The portrait (or video frames)."),
                 io.Combo.Input("detector", options=folder_paths.get_filename_list("face_detection"),
-                               tooltip="YuNet weights (yunet_final.pth) in models/face_detection."),
+                               tooltip="YuNet weights (yunet_final.pth, from github.com/kornia/data) in "
+                                       "models/face_detection."),
                 io.Float.Input("expand", default=1.2, min=1.0, max=3.0, step=0.05,
                                tooltip="Scale of the face box about its centre."),
                 io.Int.Input("face_index", default=0, min=0, max=31,
@@ -129,7 +130,8 @@ class EMOFaceMask(io.ComfyNode):
         path = folder_paths.get_full_path("face_detection", detector)
         if path is None:
             raise FileNotFoundError(f"face detector {detector!r} not found in models/face_detection: put YuNet's "
-                                    f"yunet_final.pth (kornia's face detector weights) there")
+                                    f"yunet_final.pth (kornia's face detector weights, from github.com/kornia/data) "
+                                    f"there")
         return io.NodeOutput(face_masks(path, image, expand, face_index, whole_image_if_no_face, confidence))
 
 
@@ -145,11 +147,12 @@ class EMOFaceIdentity(io.ComfyNode):
                 io.Image.Input("image", tooltip="The portrait (the first image of a batch is used); the same picture "
                                                 "as EMO ReferenceNet's, at any resolution."),
                 io.Combo.Input("detector", options=folder_paths.get_filename_list("face_detection"),
-                               tooltip="YuNet weights (yunet_final.pth) in models/face_detection: the face's five "
-                                       "landmarks for the alignment."),
+                               tooltip="YuNet weights (yunet_final.pth, from github.com/kornia/data) in "
+                                       "models/face_detection: the face's five landmarks for the alignment."),
                 io.Combo.Input("recognition_model", options=folder_paths.get_filename_list("insightface"),
-                               tooltip="An InsightFace recognition model (.onnx) in models/insightface: glintr100.onnx "
-                                       "from Hallo's pretrained_models/face_analysis/models for Hallo."),
+                               tooltip="An InsightFace recognition model (.onnx) in models/insightface: for Hallo, "
+                                       "glintr100.onnx from its weights (huggingface.co/fudan-generative-vision/"
+                                       "hallo, face_analysis/models)."),
                 io.Int.Input("face_index", default=0, min=0, max=31,
                              tooltip="Which face when there are several: 0 = the largest (as Hallo)."),
                 io.Boolean.Input("zeros_if_no_face", default=False,
@@ -166,8 +169,10 @@ class EMOFaceIdentity(io.ComfyNode):
         from .runtime import face_identity
 
         paths = {}
-        for folder, name, what in (("face_detection", detector, "YuNet's yunet_final.pth"),
-                                   ("insightface", recognition_model, "Hallo's glintr100.onnx")):
+        for folder, name, what in (
+                ("face_detection", detector, "YuNet's yunet_final.pth (from github.com/kornia/data)"),
+                ("insightface", recognition_model,
+                 "Hallo's glintr100.onnx (huggingface.co/fudan-generative-vision/hallo, face_analysis/models)")):
             paths[folder] = folder_paths.get_full_path(folder, name)
             if paths[folder] is None:
                 raise FileNotFoundError(f"{name!r} not found in models/{folder} "
