@@ -90,14 +90,16 @@ class EMOEncodeAudio(io.ComfyNode):
                                       "encoding. Leave empty for checkpoints that carry their own (the demo)."),
             ],
             outputs=[EMO_AUDIO.Output(display_name="emo_audio"),
-                     io.Audio.Output(display_name="audio", tooltip="The audio cut or padded to the video's length.")],
+                     io.Audio.Output(display_name="audio", tooltip="The audio cut or padded to the video's length."),
+                     io.Float.Output(display_name="fps", tooltip="The frame rate the features are for: connect it to "
+                                     "EMO Video Combine's fps, so that picture and sound stay in sync.")],
         )
 
     @classmethod
     def execute(cls, emo_model: EMOModel, audio, fps, audio_encoder=None) -> io.NodeOutput:
         from .runtime import encode_audio
 
-        return io.NodeOutput(*encode_audio(emo_model, audio_encoder, audio, fps))
+        return io.NodeOutput(*encode_audio(emo_model, audio_encoder, audio, fps), fps)
 
 
 class EMOFaceMask(io.ComfyNode):
@@ -258,7 +260,8 @@ class EMOVideoCombine(io.ComfyNode):
             description="Frames + audio -> an mp4 (H.264 + AAC) in the output folder, with the workflow inside.",
             inputs=[
                 io.Image.Input("images", tooltip="The video frames (e.g. from VAE Decode)."),
-                io.Float.Input("fps", default=25.0, min=1.0, max=120.0, step=0.01, tooltip="Frame rate."),
+                io.Float.Input("fps", default=25.0, min=1.0, max=120.0, step=0.01,
+                               tooltip="Frame rate: for EMO frames, connect EMO Encode Audio's fps."),
                 io.String.Input("filename_prefix", default="EMO/emo", tooltip="Output file name prefix."),
                 io.Int.Input("crf", default=18, min=0, max=51, tooltip="H.264 quality: 0 lossless .. 51 worst."),
                 io.Audio.Input("audio", optional=True, tooltip="The sound track (cut or padded to the video)."),

@@ -294,7 +294,7 @@ def write_video(path: str, images: torch.Tensor, fps: float, audio, crf: int, me
         heard, seen = sound.shape[-1] / rate, images.shape[0] / fps
         if abs(heard - seen) > 1.5 / fps:  # the sound is cut or padded to the picture: out of sync if fps differ
             log.warning("EMO Video Combine: the audio lasts %.2f s, %d frames at %g fps last %.2f s; if the frames "
-                        "come from EMO Encode Audio's sound, give Video Combine the fps Encode Audio used",
+                        "come from EMO Encode Audio's sound, connect Encode Audio's fps output to Video Combine's fps",
                         heard, images.shape[0], fps, seen)
     pbar = comfy.utils.ProgressBar(images.shape[0])
     with VideoWriter(path, fps, audio=sound, sample_rate=rate, crf=crf, metadata=metadata) as writer:
