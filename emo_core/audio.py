@@ -34,6 +34,8 @@ def read_audio(path) -> tuple[torch.Tensor, int]:
     import av
 
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder, not an audio file")
     if not path.is_file():
         raise FileNotFoundError(f"audio file not found: {path}")
     try:

@@ -21,6 +21,34 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_CHECKPOINT = ASSETS / "emo-demo.safetensors"
 
 
+def positive(kind=int):
+    """An argparse type: a number above 0 (steps, fps, sizes, counts), so that 0 or -3 is an error that names the
+    option, not a failure deep inside."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    return parse
+
+
+def check_video_out(path) -> Path:
+    """The output video's path, checked before any work is done."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give a file name, e.g. {out / 'emo.mp4'}")
+    if out.suffix.lower() not in (".mp4", ".mov", ".mkv"):
+        raise ValueError(f"--out {out}: the video is H.264 + AAC, written as .mp4 (or .mov / .mkv); give a file name "
+                         f"ending in .mp4")
+    folder = next((parent for parent in out.parents if parent.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise ValueError(f"--out {out}: {folder} is a file, not a folder")
+    return out
+
+
 def generate_parser(sub):
     p = sub.add_parser("generate", help="portrait + audio -> mp4",
                        description="Turn a portrait and an audio clip into a lip-synced video (mp4).")
@@ -33,13 +61,14 @@ def generate_parser(sub):
                                  "checkpoint carries none, e.g. sd-vae-ft-mse for Hallo)")
     p.add_argument("--audio-encoder", help="wav2vec2 the checkpoint was trained with: a transformers folder or a "
                                            "weights file (needed when the checkpoint carries none)")
-    p.add_argument("--size", type=int, default=None, help="square generation size in pixels (multiple of 8); "
-                                                          "default: the model's training size (512; demo 64)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 40)")
+    p.add_argument("--size", type=positive(), default=None,
+                   help="square generation size in pixels (multiple of 8); default: the model's training size (512; "
+                        "demo 64)")
+    p.add_argument("--steps", type=positive(), default=None, help="denoising steps (default: the model's, 40)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's, 3.5)")
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp", "unipc"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=float, default=None, help="video frame rate (default: the model's, 25)")
+    p.add_argument("--fps", type=positive(float), default=None, help="video frame rate (default: the model's, 25)")
     p.add_argument("--crf", type=int, default=18, help="H.264 quality: 0 lossless .. 51 worst (default 18)")
     p.add_argument("--speed", type=float, default=1.0, help="head motion speed in degrees per frame (EMO models "
                                                              "with speed layers; default 1.0)")
@@ -170,6 +199,16 @@ def run_generate(args) -> Path:
     from .video import VideoWriter
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch sees no CUDA GPU (no driver, or a CPU-only build of "
+                         f"torch): use --device cpu")
+    if device.type == "cpu" and dtype == torch.float16:
+        print("[emo] warning: fp16 on the CPU is many times slower than fp32 (few CPU kernels for it): use --dtype "
+              "fp32", file=sys.stderr)
+    if args.size is not None and args.size % 8:
+        raise ValueError(f"--size {args.size}: the generation size must be a multiple of 8 (the VAE's factor), e.g. "
+                         f"{max(8, args.size // 8 * 8)}")
+    out = check_video_out(args.out)
     # the user's files first: a wrong path or an unreadable file is reported before the model loads
     sound, rate = read_audio(args.audio)  # decoded once: 16 kHz mono for the model, as it is for the video
     waveform = to_mono(sound, rate)
@@ -205,12 +244,30 @@ def run_generate(args) -> Path:
                   f"{time.perf_counter() - started:.1f}s", end="" if tty else "\n", file=sys.stderr, flush=True)
 
     metadata = {"comment": f"EMO for ComfyUI; seed {args.seed}; checkpoint {Path(args.checkpoint).name}"}
-    with VideoWriter(args.out, fps, audio=sound.numpy(), sample_rate=rate, crf=args.crf, metadata=metadata) as writer:
-        for clip in generate(model, inputs, settings, codec=vae, progress=progress):
-            frames = vae.decode(clip.latents[0].transpose(0, 1)).float().cpu()  # (F, 3, size, size) in [0, 1]
-            writer.write(frames if args.crop_only else paste_back(frames, original, crop))
-    print(f"\n[emo] wrote {writer.frames} frames ({writer.frames / fps:.2f} s) to {args.out}", file=sys.stderr)
-    return Path(args.out)
+    # written beside --out and moved onto it when complete: an earlier video of that name is kept until then
+    partial = out.with_name(f"{out.stem}.partial{out.suffix}")
+    writer = VideoWriter(partial, fps, audio=sound.numpy(), sample_rate=rate, crf=args.crf, metadata=metadata)
+    try:
+        with writer:
+            for clip in generate(model, inputs, settings, codec=vae, progress=progress):
+                frames = vae.decode(clip.latents[0].transpose(0, 1)).float().cpu()  # (F, 3, size, size) in [0, 1]
+                writer.write(frames if args.crop_only else paste_back(frames, original, crop))
+    except KeyboardInterrupt:
+        if writer.frames == 0:
+            partial.unlink(missing_ok=True)
+        else:  # closed, and playable: kept, but never in place of an earlier video
+            kept = partial if out.exists() else partial.replace(out)
+            print(f"\n[emo] the {writer.frames} frames made ({writer.frames / fps:.2f} s) are in {kept}"
+                  f"{f'; {out} was left as it was' if kept == partial else ''}", file=sys.stderr)
+        raise
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    replaced = out.exists()
+    partial.replace(out)
+    print(f"\n[emo] wrote {writer.frames} frames ({writer.frames / fps:.2f} s) to {out}"
+          f"{' (replacing the earlier file)' if replaced else ''}", file=sys.stderr)
+    return out
 
 
 # Subcommands with their own parsers: `python -m emo_core NAME --help`.
@@ -227,6 +284,8 @@ COMMANDS = {
 def main(argv=None):
     import importlib
 
+    from .face import NoFaceError
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in COMMANDS:
         module = importlib.import_module(COMMANDS[argv[0]][0])
@@ -240,7 +299,10 @@ def main(argv=None):
         try:
             run_generate(args)
         except KeyboardInterrupt:
-            sys.exit("\n[emo] interrupted; the partial video was closed")
+            print("\n[emo] interrupted", file=sys.stderr)
+            sys.exit(130)  # the shell's code for Ctrl-C, so that `set -e` scripts stop
+        except NoFaceError as e:
+            sys.exit(f"error: {e} (--face-mask FILE, or --whole-image-fallback)")
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
 

@@ -42,6 +42,9 @@ class DiffusersVAE:
         """weights: a diffusers VAE folder, or a .safetensors state dict with `config` (a diffusers config json)
         beside it or given explicitly."""
         weights = Path(weights)
+        if not weights.exists():
+            raise FileNotFoundError(f"VAE not found: {weights} (give a diffusers VAE folder, e.g. sd-vae-ft-mse/, or "
+                                    f"its .safetensors with the config.json beside it)")
         if weights.is_dir():
             vae = load_vae_folder(weights)
         else:
@@ -108,4 +111,5 @@ def _find_config(weights: Path) -> Path:
                       weights.parent / "vae_config.json", weights.parent / "config.json"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"no diffusers config found beside the VAE weights {weights}; pass it explicitly")
+    raise FileNotFoundError(f"no diffusers config found beside the VAE weights {weights}: put its config.json beside "
+                            f"it (or give the whole diffusers folder)")

@@ -117,8 +117,13 @@ class VideoWriter:
     def __exit__(self, kind, *_):
         if kind is None:
             self.close()
-        else:
+        elif self.video is None:
             self.container.close()
+        else:  # stopped part-way (Ctrl-C, an error): the frames written so far still make a playable video
+            try:
+                self.close()
+            except Exception:
+                self.container.close()
 
 
 def first_frame_times(path) -> tuple[float | None, float | None]:

@@ -122,10 +122,12 @@ def test_video_writer_takes_any_sample_rate_and_rgba_frames(tmp_path, rate, stor
 
 def test_main_command_writes_a_video(tmp_path):
     out = tmp_path / "demo.mp4"
+    out.write_bytes(b"an earlier video")
     run = subprocess.run([sys.executable, "-m", "emo_core", "generate", "--out", str(out), "--steps", "2"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "emo-demo.safetensors" in run.stderr  # the bundled demo model, with its own VAE and audio encoder
+    assert "replacing the earlier file" in run.stderr and [p.name for p in tmp_path.iterdir()] == ["demo.mp4"]
     with av.open(str(out)) as c:
         video = c.streams.video[0]
         frames = sum(1 for _ in c.decode(video))
@@ -136,7 +138,40 @@ def test_main_command_writes_a_video(tmp_path):
     assert abs(duration - seconds) < 0.1
 
 
+def test_an_interrupted_generation_keeps_the_earlier_video_and_the_frames_made(tmp_path):
+    """Ctrl-C after the first clip: --out (an earlier video) is left as it was, the frames made so far are a
+    playable video beside it, and the exit code is the shell's for Ctrl-C."""
+    import signal
+
+    out = tmp_path / "emo.mp4"
+    out.write_bytes(b"an earlier video")
+    run = subprocess.Popen([sys.executable, "-m", "emo_core", "generate", "--out", str(out), "--steps", "2"],
+                           cwd=REPO, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in run.stderr:  # not a terminal: one line per clip
+        lines.append(line)
+        if "clip 2/" in line:
+            run.send_signal(signal.SIGINT)
+            break
+    rest = run.communicate(timeout=120)[1]
+    assert run.returncode == 130, "".join(lines) + rest
+    assert out.read_bytes() == b"an earlier video"
+    assert f"are in {tmp_path / 'emo.partial.mp4'}; {out} was left as it was" in rest
+    with av.open(str(tmp_path / "emo.partial.mp4")) as c:
+        assert sum(1 for _ in c.decode(c.streams.video[0])) >= 8  # at least the first clip
+
+
 def test_main_command_reports_bad_input(tmp_path):
+    def generate(*args):
+        return subprocess.run([sys.executable, "-m", "emo_core", "generate", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=600)
+
+    # settings that cannot work are refused before anything is loaded, naming the option
+    for args, message in ((["--steps", "0"], "--steps: must be above 0"), (["--fps", "-5"], "--fps: must be above 0"),
+                          (["--size", "30"], "--size 30: the generation size must be a multiple of 8"),
+                          (["--out", str(tmp_path)], "is a folder"), (["--out", str(tmp_path / "a.gif")], ".mp4")):
+        run = generate(*args)
+        assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
     run = subprocess.run([sys.executable, "-m", "emo_core", "generate", "--audio", str(tmp_path / "missing.wav"),
                           "--out", str(tmp_path / "x.mp4")], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode != 0 and "missing.wav" in run.stderr and "Traceback" not in run.stderr
