@@ -136,7 +136,9 @@ def prepare(videos: Path, out: Path, encoder, detector, size: int = 512, fps: fl
 
     videos, out = Path(videos), Path(out)
     if not videos.is_dir():
-        raise FileNotFoundError(f"video folder not found: {videos}")
+        raise FileNotFoundError(f"video folder not found: {videos}" + (" (that is a file)" if videos.exists() else ""))
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the output {out} is a file: give a folder for the prepared training set")
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     files = sorted(p for p in videos.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
@@ -322,6 +324,7 @@ class PreparedDataset:
 
 def main(argv=None):
     from .audio import Wav2Vec2Features
+    from .cli import positive
     from .face import YuNetDetector
 
     p = argparse.ArgumentParser(prog="python -m emo_core prepare", description=__doc__,
@@ -332,11 +335,13 @@ def main(argv=None):
                                                           "folder or a weights file")
     p.add_argument("--face-detector", required=True, help="YuNet weights (yunet_final.pth)")
     p.add_argument("--confidence", type=float, default=0.6, help="face detection threshold (0.3 for drawn faces)")
-    p.add_argument("--size", type=int, default=512, help="side of the face-centred square crop in pixels")
-    p.add_argument("--fps", type=float, default=25, help="training frame rate; videos are resampled to it")
-    p.add_argument("--clip-frames", type=int, default=16, help="frames per entry of the clip index (motion + clip)")
-    p.add_argument("--max-speed", type=float, default=8.0, help="head speed (deg/frame) of the last speed bucket")
-    p.add_argument("--buckets", type=int, default=9, help="number of speed buckets")
+    p.add_argument("--size", type=positive(), default=512, help="side of the face-centred square crop in pixels")
+    p.add_argument("--fps", type=positive(float), default=25, help="training frame rate; videos are resampled to it")
+    p.add_argument("--clip-frames", type=positive(), default=16,
+                   help="frames per entry of the clip index (motion + clip)")
+    p.add_argument("--max-speed", type=positive(float), default=8.0,
+                   help="head speed (deg/frame) of the last speed bucket")
+    p.add_argument("--buckets", type=positive(), default=9, help="number of speed buckets")
     p.add_argument("--workers", type=int, default=1,
                    help="videos prepared in parallel, each worker on one thread with its own copy of the audio "
                         "encoder and face detector (memory!); the files do not depend on the number of workers")
@@ -349,8 +354,12 @@ def main(argv=None):
     try:
         encoder = Wav2Vec2Features.from_files(args.audio_encoder)
         detector = YuNetDetector(args.face_detector, confidence=args.confidence)
-        prepare(args.videos, args.out, encoder, detector, args.size, args.fps, args.clip_frames, centres,
-                args.workers)
+        index = prepare(args.videos, args.out, encoder, detector, args.size, args.fps, args.clip_frames, centres,
+                        args.workers)
+        if not index["videos"]:  # an empty training set is not a success: a script should stop here
+            reasons = Counter(skip["reason"].split(":")[0] for skip in index["skipped"])
+            sys.exit(f"error: none of the {len(index['skipped'])} videos could be used ("
+                     f"{'; '.join(f'{n} x {reason}' for reason, n in reasons.most_common())}): nothing to train on")
     except KeyboardInterrupt:
         sys.exit("[prepare] interrupted")
     except (FileNotFoundError, ValueError) as e:

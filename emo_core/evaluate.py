@@ -200,17 +200,17 @@ def evaluate(checkpoint, detector_weights, audio_files=(), seed: int = 0, identi
 
 
 def main(argv=None):
-    from .cli import DEMO_CHECKPOINT
+    from .cli import DEMO_CHECKPOINT, positive
 
     p = argparse.ArgumentParser(prog="python -m emo_core eval-synthetic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT), help="EMO checkpoint (default: the bundled demo)")
     p.add_argument("--audio", nargs="*", default=[], help="held-out audio files (speech or singing)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--identities", type=int, default=3)
-    p.add_argument("--seconds", type=float, default=4.0, help="length of the synthetic held-out speech")
-    p.add_argument("--speech-clips", type=int, default=2, help="how many held-out synthetic speech clips")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--identities", type=positive(), default=3)
+    p.add_argument("--seconds", type=positive(float), default=4.0, help="length of the synthetic held-out speech")
+    p.add_argument("--speech-clips", type=positive(), default=2, help="how many held-out synthetic speech clips")
+    p.add_argument("--steps", type=positive(), default=None)
     p.add_argument("--speeds", type=float, nargs="+", default=[0.5, 1.5, 3.0])
     p.add_argument("--vae", help="only for checkpoints without a bundled VAE")
     p.add_argument("--audio-encoder", help="only for checkpoints without a bundled audio encoder")

@@ -210,13 +210,15 @@ def _one_thread():
 
 
 def main(argv=None):
+    from .cli import positive
+
     p = argparse.ArgumentParser(prog="python -m emo_core.synthetic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="output folder")
-    p.add_argument("--count", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=4.0)
-    p.add_argument("--fps", type=float, default=25)
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--count", type=positive(), default=8)
+    p.add_argument("--seconds", type=positive(float), default=4.0)
+    p.add_argument("--fps", type=positive(float), default=25)
+    p.add_argument("--size", type=positive(), default=256)
     p.add_argument("--speeds", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="head speeds, cycled")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,

@@ -528,6 +528,10 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
                                  f"run's own setting, or a new output folder (nothing was changed)")
     elif resume:
         raise ValueError(f"--resume: {out} holds no training run to continue")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"output {out} is {'a file' if not out.is_dir() else 'a folder with files in it'} but not a "
+                         f"training run (no run.json): choose a new or empty output folder, so that nothing there is "
+                         f"overwritten (nothing was changed)")
     data = PreparedDataset(cfg.data)
     data.check()
     if cfg.audio_encoder:
@@ -787,17 +791,28 @@ def new_audio_encoder(out, layers: int, hidden: int, seed: int = 0, overwrite: b
 
 def _refuse_to_replace(out: Path, what: str, overwrite: bool):
     """Datasets, latent caches and trained stages depend on a VAE or audio encoder: never replace one silently."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: the {what} is written as a folder; give a folder name")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out} is not empty (a {what} made before? prepared data and trained models depend on "
                          f"it): choose a new folder, or pass --overwrite to replace it")
 
 
-def bundle(checkpoint, vae_folder, audio_encoder, out, dtype: str = "fp16") -> Path:
+def bundle(checkpoint, vae_folder, audio_encoder, out, dtype: str = "fp16", overwrite: bool = False) -> Path:
     """One file: the EMO model plus the VAE and the wav2vec2 it was trained with (under `vae.` and
     `audio_encoder.`, their configs in the metadata), so it runs with nothing else to download."""
     from .audio import Wav2Vec2Features
     from .vae import load_vae_folder
 
+    out = Path(out)
+    if out.suffix != ".safetensors" or out.is_dir():
+        raise ValueError(f"--out {out}: the bundle is one .safetensors file (what generate and Load EMO read); give "
+                         f"a file name ending in .safetensors")
+    if out.exists() and out.resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"--out is the --checkpoint itself ({out}): write the bundle to another file, so that the "
+                         f"trained model is kept as it is")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists: choose a new file name, or pass --overwrite to replace it")
     config, state_dict, looks_like = load_checkpoint(checkpoint)
     model = build_model(config, state_dict, Path(checkpoint).name, looks_like)
     vae = load_vae_folder(vae_folder)
@@ -823,35 +838,39 @@ def save_bundle(model, out, vae=None, audio_encoder=None, metadata: dict | None 
 # ---- command line ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
+    from .cli import COMMANDS, positive
+
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("train", "train-vae", "new-audio-encoder", "bundle") else "train"
-    p = argparse.ArgumentParser(prog=f"python -m emo_core {command}", description=__doc__,
+    p = argparse.ArgumentParser(prog=f"python -m emo_core {command}",
+                                description=__doc__ if command == "train" else COMMANDS[command][1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     if command == "train":
         p.add_argument("config", help="the stage's JSON config (see configs/train/)")
         p.add_argument("--resume", action="store_true", help="continue the run in the config's output folder")
-        p.add_argument("--max-minutes", type=float, help="stop (and save) after this many minutes")
+        p.add_argument("--max-minutes", type=positive(float), help="stop (and save) after this many minutes")
     elif command == "train-vae":
         p.add_argument("data", help="prepared dataset folder")
         p.add_argument("--out", required=True, help="output diffusers VAE folder")
-        p.add_argument("--steps", type=int, default=3000)
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--steps", type=positive(), default=3000)
+        p.add_argument("--batch-size", type=positive(), default=32)
+        p.add_argument("--lr", type=positive(float), default=1e-3)
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--max-minutes", type=float)
+        p.add_argument("--max-minutes", type=positive(float))
         p.add_argument("--overwrite", action="store_true", help="replace the VAE in a non-empty --out folder")
     elif command == "new-audio-encoder":
         p.add_argument("--out", required=True, help="output transformers folder")
-        p.add_argument("--layers", type=int, default=4)
-        p.add_argument("--hidden", type=int, default=32)
+        p.add_argument("--layers", type=positive(), default=4)
+        p.add_argument("--hidden", type=positive(), default=32)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--overwrite", action="store_true", help="replace the encoder in a non-empty --out folder")
     else:
         p.add_argument("--checkpoint", required=True, help="the trained EMO model (our format)")
         p.add_argument("--vae", required=True, help="its diffusers VAE folder")
         p.add_argument("--audio-encoder", required=True, help="its wav2vec2 (transformers folder)")
-        p.add_argument("--out", required=True)
+        p.add_argument("--out", required=True, help="the bundle: one .safetensors file")
         p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
     try:
         if command == "train":
@@ -863,7 +882,8 @@ def main(argv=None):
             out = new_audio_encoder(args.out, args.layers, args.hidden, args.seed, args.overwrite)
             print(f"[new-audio-encoder] wrote {out}")
         else:
-            print(f"[bundle] wrote {bundle(args.checkpoint, args.vae, args.audio_encoder, args.out, args.dtype)}")
+            out = bundle(args.checkpoint, args.vae, args.audio_encoder, args.out, args.dtype, args.overwrite)
+            print(f"[bundle] wrote {out}")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -28,5 +28,5 @@ for stage in 1 2 3; do
     "$py" -m emo_core train "configs/train/demo_stage$stage.json"
 done
 "$py" -m emo_core bundle --checkpoint "$work/stage3/model.safetensors" --vae "$work/vae" \
-    --audio-encoder "$work/audio_encoder" --out emo_core/assets/emo-demo.safetensors --dtype fp16
+    --audio-encoder "$work/audio_encoder" --out emo_core/assets/emo-demo.safetensors --dtype fp16 --overwrite
 "$py" -m emo_core eval-synthetic --face-detector "$face" --seed 0

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -137,6 +138,16 @@ def test_prepare_resumes_and_refuses_empty_folders(workdir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no videos"):
         prepare(tmp_path / "empty", tmp_path / "out", encoder, detector)
+    # the command line: a folder of nothing but bad videos is an error (an empty training set is not a success)
+    from emo_core.data import main as prepare_main
+
+    (tmp_path / "bad").mkdir()
+    for name in ("broken.mp4", "no_face.mp4"):
+        shutil.copy(root / "videos" / name, tmp_path / "bad" / name)
+    with pytest.raises(SystemExit) as stop:
+        prepare_main([str(tmp_path / "bad"), str(tmp_path / "bad-prepared"), "--audio-encoder", str(root / "encoder"),
+                      "--face-detector", str(face_fixture_dir() / "yunet_final.pth"), "--size", str(SIZE)])
+    assert "none of the 2 videos could be used (1 x unreadable video; 1 x no face found)" in str(stop.value)
 
 
 def _config(root, stage, out, init="scratch", steps=3, **extra):
@@ -483,6 +494,11 @@ def test_resume_continues_and_mismatches_are_refused(workdir):
     assert {f.name: f.stat().st_mtime_ns for f in state.iterdir()} == stamps
     with pytest.raises(ValueError, match="already holds a training run"):
         train(cfg, log=lambda m: None)
+    (root / "mine").mkdir()  # a folder of the user's that is not a training run: never written into
+    (root / "mine" / "model.safetensors").write_bytes(b"the user's own model")
+    with pytest.raises(ValueError, match="a folder with files in it but not a training run"):
+        train(_config(root, 1, "mine", steps=2), log=lambda m: None)
+    assert [f.name for f in (root / "mine").iterdir()] == ["model.safetensors"]
     other = _config(root, 1, "resume", steps=4, model="demo")
     with pytest.raises(ValueError, match="cannot resume"):
         train(other, resume=True, log=lambda m: None)
@@ -524,3 +540,11 @@ def test_bundle_carries_vae_and_audio_encoder(workdir, tmp_path):
     assert codec.decode(codec.encode(pixels)).shape == (1, 3, SIZE, SIZE)
     _, state_dict, _ = load_checkpoint(out)
     assert not any(k.startswith(("vae.", "audio_encoder.")) for k in state_dict)
+    # an existing file is replaced only when asked, and never the trained model itself
+    with pytest.raises(ValueError, match="exists: choose a new file name, or pass --overwrite"):
+        bundle(model_file, root / "vae", root / "encoder", out)
+    stamp = out.stat().st_mtime_ns
+    bundle(model_file, root / "vae", root / "encoder", out, dtype="fp32", overwrite=True)
+    assert out.stat().st_mtime_ns != stamp
+    with pytest.raises(ValueError, match="--out is the --checkpoint itself"):
+        bundle(model_file, root / "vae", root / "encoder", model_file, overwrite=True)
