@@ -37,6 +37,16 @@ class EMOLoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, checkpoint, precision):
+        """The file's size and time: a checkpoint trained again under the same name is loaded again, not taken
+        from ComfyUI's cache."""
+        path = folder_paths.get_full_path("emo", checkpoint)
+        if path is None:
+            return None  # execute says what is missing
+        stat = os.stat(path)
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+    @classmethod
     def execute(cls, checkpoint, precision) -> io.NodeOutput:
         from .runtime import load_emo_model
 

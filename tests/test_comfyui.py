@@ -4,7 +4,9 @@ bad input. Skipped with one loud line when no ComfyUI is found (see comfy_server
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import av
 import pytest
 
 from .comfy_server import COMFYUI, EMO_NODES, WORKFLOWS, Server, start_server
+from .conftest import REPO
 
 if COMFYUI is None:
     print("\n" + "=" * 78 + "\nSKIPPED: ComfyUI integration tests: no ComfyUI found (install the pack in "
@@ -78,6 +81,28 @@ def test_default_workflow_runs_the_bundled_demo_with_nothing_to_download(server)
     assert info["frames"] == 100 and info["fps"] == 25 and (info["width"], info["height"]) == (256, 256)
     assert info["audio"] == ["aac"] and abs(info["duration"] - 4.0) < 0.1
     assert "prompt" in info["metadata"]  # the workflow travels with the video
+
+
+def test_a_checkpoint_written_again_under_its_name_is_loaded_again(server):
+    """ComfyUI caches node outputs: Load EMO's fingerprint (the file's size and time) makes a model trained again
+    into the same file load again, while an unchanged file stays cached."""
+    demo = REPO / "emo_core" / "assets" / "emo-demo.safetensors"
+    target = server.base / "models" / "emo" / "retrained.safetensors"
+    shutil.copyfile(demo, target)
+    prompt = workflow("portrait_speech_to_video.json",
+                      {("3", "checkpoint"): "retrained.safetensors", ("9", "steps"): 1})
+
+    def loads():
+        lines = server.log.read_text().splitlines()
+        return sum("EMO: loaded" in line and "retrained.safetensors" in line for line in lines)
+
+    output_video(server, server.run(prompt))
+    assert loads() == 1
+    server.run(prompt)
+    assert loads() == 1  # unchanged: from the cache
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))  # "trained again"
+    output_video(server, server.run(prompt))
+    assert loads() == 2
 
 
 def test_long_audio_many_clips(server):
