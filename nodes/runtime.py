@@ -245,6 +245,14 @@ def sample(emo_model: EMOModel, reference: EMOReference, emo_audio: EMOAudio, fa
                               and reference.model() is emo_model.patcher.model else None)
     settings = SamplerSettings(steps=steps, guidance_scale=cfg, seed=seed, scheduler=scheduler,
                                frames_per_clip=frames_per_clip, motion_frames=motion_frames)
+    # core VAE Decode will hold every frame as a float32 IMAGE: refuse now what would fail after the whole run
+    decoded = emo_audio.frames * reference.height * reference.width * 3 * 4
+    free = mm.get_free_memory(mm.intermediate_device())
+    if decoded > free:
+        raise EMOInputError(f"{emo_audio.frames} frames of {reference.width}x{reference.height} decode to "
+                            f"{decoded / 2**30:.1f} GB of IMAGE (VAE Decode holds every frame as float32), and "
+                            f"{free / 2**30:.1f} GB of memory is free: split the audio into shorter parts (one video "
+                            f"each), or use a smaller portrait")
     patcher = emo_model.patcher
     memory = _activation_bytes(config, reference, settings, emo_model)
     mm.load_models_gpu([patcher], memory_required=memory)

@@ -3,7 +3,8 @@ a CPU. ComfyUI loads a core VAE with `load_models_gpu([vae])`, which may unload 
 of them under --disable-smart-memory); Hallo's motion frames go through the VAE between clips, so the sampler
 must load the EMO model again before the next clip's denoising. Also EMO Face Mask over many frames: progress per
 batch, and ComfyUI's interrupt stops it; a sampler out of GPU memory raises ComfyUI's OOM type, which makes ComfyUI
-unload its models (a plain error would leave them loaded for the next run to run out of memory again)."""
+unload its models (a plain error would leave them loaded for the next run to run out of memory again), and a video
+whose decoded frames would not fit in the free memory is refused before the run."""
 
 import json
 import os
@@ -59,6 +60,15 @@ try:
 except Exception as e:  # ComfyUI's executor unloads every model only for its OOM_EXCEPTION type
     oom = [isinstance(e, mm.OOM_EXCEPTION), str(e)]
 emo.patcher.model.denoise = denoise
+free = mm.get_free_memory
+mm.get_free_memory = lambda *args, **kwargs: 10 * 64 * 64 * 3 * 4 - 1  # one byte short of the decoded frames
+try:
+    runtime.sample(emo, reference, emo_audio, None, identity, seed=0, steps=2, cfg=1.0, scheduler="ddim",
+                   frames_per_clip=None, motion_frames=None, speed=1.0)
+    short = None
+except Exception as e:
+    short = str(e)
+mm.get_free_memory = free
 ticks = []  # EMO Face Mask over a video's frames: progress per batch of 16, and it can be interrupted
 comfy.utils.set_progress_bar_global_hook(lambda value, total, *args, **kwargs: ticks.append([value, total]))
 frames = image.expand(20, -1, -1, -1)
@@ -70,7 +80,7 @@ try:
 except mm.InterruptProcessingException:
     stopped = True
 json.dump({"events": events, "frames": emo_audio.frames, "latents": list(latents.shape), "masks": list(masks.shape),
-           "ticks": ticks, "stopped": stopped, "oom": oom}, open(out, "w"))
+           "ticks": ticks, "stopped": stopped, "oom": oom, "short": short}, open(out, "w"))
 """
 
 
@@ -89,6 +99,8 @@ def test_the_emo_model_is_loaded_again_after_each_vae_call_between_clips_and_fac
     assert result["masks"] == [20, 64, 64] and result["ticks"] == [[16, 20], [20, 20]] and result["stopped"]
     # out of GPU memory: still ComfyUI's OOM type (so that it unloads the models), saying what to change
     assert result["oom"][0] and "frames_per_clip" in result["oom"][1], result["oom"]
+    # too little memory for the decoded video: refused before the run, not after it
+    assert result["short"] and "10 frames of 64x64 decode to" in result["short"], result["short"]
     vae_loads = [i for i, e in enumerate(events) if e[0] == "load" and "EMONet" not in e[1]]
     assert len(vae_loads) >= 2  # motion frames decoded and encoded again between clips
     last_load = None
