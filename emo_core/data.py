@@ -342,12 +342,10 @@ def main(argv=None):
     p.add_argument("--max-speed", type=positive(float), default=8.0,
                    help="head speed (deg/frame) of the last speed bucket")
     p.add_argument("--buckets", type=positive(), default=9, help="number of speed buckets")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=positive(), default=1,
                    help="videos prepared in parallel, each worker on one thread with its own copy of the audio "
                         "encoder and face detector (memory!); the files do not depend on the number of workers")
     args = p.parse_args(argv)
-    if args.workers < 1:
-        p.error(f"--workers must be at least 1, got {args.workers}")
     from .config import SpeedConfig
 
     centres = SpeedConfig(buckets=args.buckets, max_speed=args.max_speed).centres()

@@ -221,11 +221,9 @@ def main(argv=None):
     p.add_argument("--size", type=positive(), default=256)
     p.add_argument("--speeds", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="head speeds, cycled")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--workers", type=positive(), default=os.cpu_count() or 1,
                    help="clips written in parallel (default: one per CPU core); the files do not depend on it")
     args = p.parse_args(argv)
-    if args.workers < 1:
-        p.error(f"--workers must be at least 1, got {args.workers}")
     out = Path(args.out)
     jobs = [(out / f"synthetic_{args.seed + i:05d}.mp4", args.seed + i, args.seconds, args.fps, args.size,
              args.speeds[i % len(args.speeds)]) for i in range(args.count)]

@@ -16,6 +16,21 @@ CATEGORY = "EMO"
 SCHEDULERS = ["ddim", "dpmpp", "unipc"]
 PRECISIONS = ["auto", "fp16", "bf16", "fp32"]
 
+# what goes in each face-model folder, and where it comes from
+FACE_MODELS = {"face_detection": "YuNet's yunet_final.pth (kornia's face detector weights, from "
+                                  "github.com/kornia/data)",
+               "insightface": "Hallo's glintr100.onnx (huggingface.co/fudan-generative-vision/hallo, "
+                              "face_analysis/models)"}
+
+
+def model_file(folder: str, name: str) -> str:
+    """The full path of a face-model file chosen in a node, or an error that says what to put where."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise FileNotFoundError(f"{name!r} not found in models/{folder} ({folder_paths.get_folder_paths(folder)}): "
+                                f"put {FACE_MODELS[folder]} there")
+    return path
+
 
 class EMOLoader(io.ComfyNode):
     @classmethod
@@ -139,11 +154,7 @@ class EMOFaceMask(io.ComfyNode):
     def execute(cls, image, detector, expand, face_index, whole_image_if_no_face, confidence=0.6) -> io.NodeOutput:
         from .runtime import face_masks
 
-        path = folder_paths.get_full_path("face_detection", detector)
-        if path is None:
-            raise FileNotFoundError(f"face detector {detector!r} not found in models/face_detection: put YuNet's "
-                                    f"yunet_final.pth (kornia's face detector weights, from github.com/kornia/data) "
-                                    f"there")
+        path = model_file("face_detection", detector)
         return io.NodeOutput(face_masks(path, image, expand, face_index, whole_image_if_no_face, confidence))
 
 
@@ -180,16 +191,8 @@ class EMOFaceIdentity(io.ComfyNode):
     def execute(cls, image, detector, recognition_model, face_index, zeros_if_no_face, confidence) -> io.NodeOutput:
         from .runtime import face_identity
 
-        paths = {}
-        for folder, name, what in (
-                ("face_detection", detector, "YuNet's yunet_final.pth (from github.com/kornia/data)"),
-                ("insightface", recognition_model,
-                 "Hallo's glintr100.onnx (huggingface.co/fudan-generative-vision/hallo, face_analysis/models)")):
-            paths[folder] = folder_paths.get_full_path(folder, name)
-            if paths[folder] is None:
-                raise FileNotFoundError(f"{name!r} not found in models/{folder} "
-                                        f"({folder_paths.get_folder_paths(folder)}): put {what} there")
-        return io.NodeOutput(face_identity(paths["face_detection"], paths["insightface"], image, face_index,
+        return io.NodeOutput(face_identity(model_file("face_detection", detector),
+                                           model_file("insightface", recognition_model), image, face_index,
                                            zeros_if_no_face, confidence))
 
 
