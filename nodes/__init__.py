@@ -11,8 +11,8 @@ import os
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
-from .nodes import (EMOEncodeAudio, EMOFaceIdentity, EMOFaceMask, EMOLoader, EMOReferenceNet, EMOSampleInputs,
-                    EMOSampler, EMOVideoCombine)
+from .nodes import (EMODecodeSaveVideo, EMOEncodeAudio, EMOFaceIdentity, EMOFaceMask, EMOLoader, EMOReferenceNet,
+                    EMOSampleInputs, EMOSampler, EMOVideoCombine)
 
 MODEL_FOLDERS = {
     "emo": "EMO-family checkpoints: our .safetensors and Hallo's net.pth",
@@ -43,7 +43,7 @@ def register_model_folders() -> None:
 class EMOExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [EMOLoader, EMOSampleInputs, EMOEncodeAudio, EMOFaceMask, EMOFaceIdentity, EMOReferenceNet, EMOSampler,
-                EMOVideoCombine]
+                EMOVideoCombine, EMODecodeSaveVideo]
 
 
 register_model_folders()

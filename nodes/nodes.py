@@ -117,7 +117,8 @@ class EMOEncodeAudio(io.ComfyNode):
             outputs=[EMO_AUDIO.Output(display_name="emo_audio"),
                      io.Audio.Output(display_name="audio", tooltip="The audio cut or padded to the video's length."),
                      io.Float.Output(display_name="fps", tooltip="The frame rate the features are for: connect it to "
-                                     "EMO Video Combine's fps, so that picture and sound stay in sync.")],
+                                     "the fps of EMO Video Combine (or EMO Decode + Save Video), so that picture "
+                                     "and sound stay in sync.")],
         )
 
     @classmethod
@@ -252,6 +253,7 @@ class EMOSampler(io.ComfyNode):
                                                 "Hallo's face and lip audio regions. EMO models do not use it."),
             ],
             outputs=[io.Latent.Output(display_name="latent")],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
@@ -261,8 +263,45 @@ class EMOSampler(io.ComfyNode):
 
         latents = sample(emo_model, reference, emo_audio, face_mask, face_identity, seed=seed, steps=steps, cfg=cfg,
                          scheduler=scheduler, frames_per_clip=frames_per_clip or None,
-                         motion_frames=None if motion_frames < 0 else motion_frames, speed=speed)
+                         motion_frames=None if motion_frames < 0 else motion_frames, speed=speed,
+                         decoded_whole=not streamed_only(cls.hidden.prompt, cls.hidden.unique_id))
         return io.NodeOutput({"samples": latents})
+
+
+def streamed_only(prompt: dict | None, node_id: str | None) -> bool:
+    """Whether every node that takes this node's outputs is EMO Decode + Save Video, which never holds the whole
+    decoded video (then the sampler need not check that it fits in memory)."""
+    if not prompt or node_id is None:
+        return False
+    takers = [node["class_type"] for node in prompt.values()
+              if any(isinstance(value, list) and len(value) == 2 and str(value[0]) == str(node_id)
+                     for value in node.get("inputs", {}).values())]
+    return bool(takers) and all(taker == "EMODecodeSaveVideo" for taker in takers)
+
+
+def save_path(filename_prefix: str, width: int, height: int) -> tuple[str, str, str]:
+    """(full path, file name, subfolder) of the next mp4 with this prefix in ComfyUI's output folder."""
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+        filename_prefix, folder_paths.get_output_directory(), width, height)
+    file = f"{filename}_{counter:05}_.mp4"
+    return os.path.join(folder, file), file, subfolder
+
+
+def workflow_metadata(hidden) -> dict:
+    """The prompt and the workflow (as ComfyUI stores them in its images), so the mp4 loads back as a graph."""
+    metadata = {}
+    if hidden.prompt is not None:
+        metadata["prompt"] = json.dumps(hidden.prompt)
+    for key, value in (hidden.extra_pnginfo or {}).items():
+        metadata[key] = json.dumps(value)
+    return metadata
+
+
+def saved_video(path: str, file: str, subfolder: str) -> io.NodeOutput:
+    from comfy_api.latest import InputImpl
+
+    return io.NodeOutput(InputImpl.VideoFromFile(path),
+                         ui=ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]))
 
 
 class EMOVideoCombine(io.ComfyNode):
@@ -286,20 +325,46 @@ class EMOVideoCombine(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, fps, filename_prefix, crf, audio=None) -> io.NodeOutput:
-        from comfy_api.latest import InputImpl
-
         from .runtime import write_video
 
-        height, width = images.shape[1:3]
-        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
-            filename_prefix, folder_paths.get_output_directory(), width, height)
-        file = f"{filename}_{counter:05}_.mp4"
-        metadata = {}
-        if cls.hidden.prompt is not None:
-            metadata["prompt"] = json.dumps(cls.hidden.prompt)
-        for key, value in (cls.hidden.extra_pnginfo or {}).items():
-            metadata[key] = json.dumps(value)
-        path = os.path.join(folder, file)
-        write_video(path, images, fps, audio, crf, metadata)
-        return io.NodeOutput(InputImpl.VideoFromFile(path),
-                             ui=ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]))
+        path, file, subfolder = save_path(filename_prefix, images.shape[2], images.shape[1])
+        write_video(path, images, fps, audio, crf, workflow_metadata(cls.hidden))
+        return saved_video(path, file, subfolder)
+
+
+class EMODecodeSaveVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EMODecodeSaveVideo", display_name="EMO Decode + Save Video", category=CATEGORY,
+            description="Latents + VAE + audio -> an mp4 (H.264 + AAC) in the output folder, decoded a few frames at "
+                        "a time straight into the file: for videos of any length, where VAE Decode would hold every "
+                        "frame in memory. No image nodes in between (use VAE Decode -> ... -> EMO Video Combine for "
+                        "upscalers and face restorers).",
+            inputs=[
+                io.Latent.Input("latent", tooltip="The video's latents (from EMO Audio-Driven Sampler)."),
+                io.Vae.Input("vae", tooltip="The VAE that decodes them (Load EMO's vae for the demo model)."),
+                io.Float.Input("fps", default=25.0, min=1.0, max=120.0, step=0.01,
+                               tooltip="Frame rate: connect EMO Encode Audio's fps."),
+                io.String.Input("filename_prefix", default="EMO/emo", tooltip="Output file name prefix."),
+                io.Int.Input("crf", default=18, min=0, max=51, tooltip="H.264 quality: 0 lossless .. 51 worst."),
+                io.Int.Input("frames_per_batch", default=8, min=1, max=256,
+                             tooltip="Frames decoded at once (at most; ComfyUI splits them further when memory is "
+                                     "short): fewer holds less memory."),
+                io.Audio.Input("audio", optional=True, tooltip="The sound track (cut or padded to the video)."),
+            ],
+            outputs=[io.Video.Output(display_name="video")],
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, latent, vae, fps, filename_prefix, crf, frames_per_batch, audio=None) -> io.NodeOutput:
+        from .runtime import decode_video
+
+        samples = latent["samples"]
+        scale = getattr(vae, "downscale_ratio", 8)
+        scale = scale if isinstance(scale, int) else 8
+        path, file, subfolder = save_path(filename_prefix, samples.shape[-1] * scale, samples.shape[-2] * scale)
+        decode_video(path, samples, vae, fps, audio, crf, workflow_metadata(cls.hidden), frames_per_batch)
+        return saved_video(path, file, subfolder)

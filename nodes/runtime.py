@@ -217,8 +217,9 @@ def encode_reference(emo_model: EMOModel, image: torch.Tensor, vae) -> EMORefere
 # ---- EMO Audio-Driven Sampler ---------------------------------------------------------------------------------
 
 def sample(emo_model: EMOModel, reference: EMOReference, emo_audio: EMOAudio, face_mask, face_identity, *, seed, steps,
-           cfg, scheduler, frames_per_clip, motion_frames, speed) -> torch.Tensor:
-    """Returns LATENT samples (frames, 4, h, w), unscaled as core VAE Decode expects."""
+           cfg, scheduler, frames_per_clip, motion_frames, speed, decoded_whole: bool = True) -> torch.Tensor:
+    """Returns LATENT samples (frames, 4, h, w), unscaled as core VAE Decode expects. decoded_whole: whether the
+    latents go to a node that decodes every frame at once (VAE Decode), so the frames must fit in memory."""
     config = emo_model.config
     if face_mask is None:  # as the command line: a portrait framed around the face
         mask = centred_face_mask(reference.height, reference.width)
@@ -248,11 +249,12 @@ def sample(emo_model: EMOModel, reference: EMOReference, emo_audio: EMOAudio, fa
     # core VAE Decode will hold every frame as a float32 IMAGE: refuse now what would fail after the whole run
     decoded = emo_audio.frames * reference.height * reference.width * 3 * 4
     free = mm.get_free_memory(mm.intermediate_device())
-    if decoded > free:
+    if decoded_whole and decoded > free:
         raise EMOInputError(f"{emo_audio.frames} frames of {reference.width}x{reference.height} decode to "
                             f"{decoded / 2**30:.1f} GB of IMAGE (VAE Decode holds every frame as float32), and "
-                            f"{free / 2**30:.1f} GB of memory is free: split the audio into shorter parts (one video "
-                            f"each), or use a smaller portrait")
+                            f"{free / 2**30:.1f} GB of memory is free: connect the sampler's latent to EMO Decode + "
+                            f"Save Video instead of VAE Decode (it decodes a few frames at a time into the mp4), or "
+                            f"split the audio into shorter parts, or use a smaller portrait")
     patcher = emo_model.patcher
     memory = _activation_bytes(config, reference, settings, emo_model)
     mm.load_models_gpu([patcher], memory_required=memory)
@@ -293,19 +295,48 @@ def _activation_bytes(config, reference, settings, emo_model) -> int:
     return int(rows * frames * tokens * config.unet.block_out_channels[0] * 40 * element)
 
 
-# ---- EMO Video Combine ----------------------------------------------------------------------------------------
+# ---- EMO Video Combine, EMO Decode + Save Video ----------------------------------------------------------------
 
 def write_video(path: str, images: torch.Tensor, fps: float, audio, crf: int, metadata: dict) -> None:
+    """IMAGE frames + AUDIO -> mp4."""
+    batches = (images[start:start + 16] for start in range(0, images.shape[0], 16))
+    _write(path, batches, images.shape[0], fps, audio, crf, metadata, "EMO Video Combine")
+
+
+def decode_video(path: str, latents: torch.Tensor, vae, fps: float, audio, crf: int, metadata: dict,
+                 batch: int) -> None:
+    """LATENT samples (frames, 4, h, w) + AUDIO -> mp4, decoded by core VAE `batch` frames at a time straight
+    into the file: memory holds one batch of frames, not the whole video as VAE Decode's IMAGE does."""
+    if latents.ndim != 4:
+        raise EMOInputError(f"EMO Decode + Save Video takes image latents (frames, channels, height, width), as EMO's "
+                            f"sampler makes; got shape {tuple(latents.shape)}: use VAE Decode for other latents")
+    if latents.shape[1] != getattr(vae, "latent_channels", latents.shape[1]):
+        raise EMOInputError(f"the latents have {latents.shape[1]} channels, this VAE decodes {vae.latent_channels}: "
+                            f"connect the VAE the EMO model works with (Load EMO's vae for the demo model)")
+    batches = (vae.decode(latents[start:start + batch]) for start in range(0, latents.shape[0], batch))
+    _write(path, batches, latents.shape[0], fps, audio, crf, metadata, "EMO Decode + Save Video")
+
+
+def _write(path: str, batches, frames: int, fps: float, audio, crf: int, metadata: dict, node: str) -> None:
+    """Writes batches of IMAGE frames with the sound, one progress tick per batch; ComfyUI's Cancel stops it
+    between batches and the frames written so far stay a playable video."""
     sound, rate = None, 16000
     if audio is not None:
         sound, rate = audio["waveform"][0].float().cpu().numpy(), audio["sample_rate"]
-        heard, seen = sound.shape[-1] / rate, images.shape[0] / fps
+        heard, seen = sound.shape[-1] / rate, frames / fps
         if abs(heard - seen) > 1.5 / fps:  # the sound is cut or padded to the picture: out of sync if fps differ
-            log.warning("EMO Video Combine: the audio lasts %.2f s, %d frames at %g fps last %.2f s; if the frames "
-                        "come from EMO Encode Audio's sound, connect Encode Audio's fps output to Video Combine's fps",
-                        heard, images.shape[0], fps, seen)
-    pbar = comfy.utils.ProgressBar(images.shape[0])
+            log.warning("%s: the audio lasts %.2f s, %d frames at %g fps last %.2f s; if the frames come from EMO "
+                        "Encode Audio's sound, connect Encode Audio's fps output to this node's fps",
+                        node, heard, frames, fps, seen)
+    pbar = comfy.utils.ProgressBar(frames)
     with VideoWriter(path, fps, audio=sound, sample_rate=rate, crf=crf, metadata=metadata) as writer:
-        for start in range(0, images.shape[0], 16):
-            writer.write(images[start:start + 16])
-            pbar.update_absolute(min(images.shape[0], start + 16), images.shape[0])
+        try:
+            for images in batches:
+                writer.write(images)
+                pbar.update_absolute(writer.frames, frames)
+                if writer.frames < frames:
+                    mm.throw_exception_if_processing_interrupted()
+        except mm.InterruptProcessingException:
+            if writer.frames:
+                log.warning("%s: stopped after %d of %d frames; %s holds them", node, writer.frames, frames, path)
+            raise

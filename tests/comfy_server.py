@@ -24,7 +24,7 @@ from .conftest import REPO
 
 WORKFLOWS = REPO / "workflows"
 EMO_NODES = {"EMOLoader", "EMOSampleInputs", "EMOEncodeAudio", "EMOFaceMask", "EMOFaceIdentity", "EMOReferenceNet",
-             "EMOSampler", "EMOVideoCombine"}
+             "EMOSampler", "EMOVideoCombine", "EMODecodeSaveVideo"}
 
 
 def find_comfyui() -> Path | None:

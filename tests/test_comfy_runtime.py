@@ -109,3 +109,98 @@ def test_the_emo_model_is_loaded_again_after_each_vae_call_between_clips_and_fac
             last_load = event[1]
         else:
             assert last_load is not None and "EMONet" in last_load, events
+
+
+STREAM_SCRIPT = """
+import json, sys
+packages, out = sys.argv[1:3]
+sys.argv = ["comfy", "--cpu"]
+sys.path.insert(0, packages)  # holds comfyui_emo, a link to the repository
+import comfy.options
+comfy.options.enable_args_parsing()
+import av, comfy.model_management as mm, torch
+from comfyui_emo.emo_core.cli import ASSETS, load_image
+from comfyui_emo.emo_core.audio import read_audio
+from comfyui_emo.nodes import runtime
+from comfyui_emo.nodes.nodes import streamed_only
+
+emo, vae = runtime.load_emo_model(str(ASSETS / "emo-demo.safetensors"), "fp32")
+image = torch.nn.functional.interpolate(load_image(ASSETS / "portrait.png"), size=64, mode="area").permute(0, 2, 3, 1)
+waveform, rate = read_audio(ASSETS / "speech.wav")
+audio = {"waveform": waveform[None, :, 8000:8000 + 16000], "sample_rate": rate}  # 1 s
+emo_audio, sound = runtime.encode_audio(emo, None, audio, 25.0)
+reference = runtime.encode_reference(emo, image, vae)
+free = mm.get_free_memory
+mm.get_free_memory = lambda *args, **kwargs: 25 * 64 * 64 * 3 * 4 - 1  # one byte short of the decoded frames
+latents = runtime.sample(emo, reference, emo_audio, None, None, seed=0, steps=2, cfg=1.0, scheduler="ddim",
+                         frames_per_clip=None, motion_frames=None, speed=1.0, decoded_whole=False)
+mm.get_free_memory = free
+batches, decoded = [], []
+decode = vae.decode
+def counted(samples, *args, **kwargs):
+    batches.append(samples.shape[0])
+    if len(batches) == 3 and stop:
+        mm.interrupt_current_processing(True)  # Cancel pressed while the third batch decodes
+    decoded.append(decode(samples, *args, **kwargs))
+    return decoded[-1]
+vae.decode = counted
+stop = False
+runtime.decode_video(out + "/whole.mp4", latents, vae, 25.0, sound, 18, {"prompt": "{}"}, 4)
+streamed, images = batches[:], torch.cat(decoded)
+stop, batches[:] = True, []
+try:
+    runtime.decode_video(out + "/stopped.mp4", latents, vae, 25.0, sound, 18, {}, 4)
+    interrupted = False
+except mm.InterruptProcessingException:
+    interrupted = True
+mm.interrupt_current_processing(False)
+whole = decode(latents)  # VAE Decode's IMAGE of every frame at once, and EMO Video Combine's mp4 of it
+runtime.write_video(out + "/combined.mp4", whole, 25.0, sound, 18, {})
+def pixels(name):
+    with av.open(out + name) as c:
+        return torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")) for f in c.decode(c.streams.video[0])]).float()
+with av.open(out + "/whole.mp4") as c:
+    audio_streams = [s.codec_context.name for s in c.streams.audio]
+streamed_pixels, kept = pixels("/whole.mp4"), pixels("/stopped.mp4").shape[0]
+try:
+    runtime.decode_video(out + "/bad.mp4", latents[None], vae, 25.0, None, 18, {}, 4)
+    bad = None
+except Exception as e:
+    bad = str(e)
+prompt = {"9": {"class_type": "EMOSampler", "inputs": {}},
+          "10": {"class_type": "EMODecodeSaveVideo", "inputs": {"latent": ["9", 0]}},
+          "11": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0]}}}
+only_streamed = [streamed_only(prompt, "9")]
+del prompt["11"]
+only_streamed.append(streamed_only(prompt, "9"))
+json.dump({"frames": latents.shape[0], "streamed": streamed, "interrupted": interrupted, "kept": kept,
+           "stopped_batches": batches, "written": streamed_pixels.shape[0], "audio": audio_streams,
+           "image_error": (images - whole).abs().max().item(),
+           "video_error": (streamed_pixels - pixels("/combined.mp4")).abs().mean().item(),
+           "moving": (streamed_pixels[1:] - streamed_pixels[:-1]).abs().mean().item(),
+           "bad": bad, "only_streamed": only_streamed},
+          open(out + "/out.json", "w"))
+"""
+
+
+def test_decode_and_save_holds_a_few_frames_at_a_time_and_keeps_what_it_wrote_when_cancelled(
+        tmp_path_factory, tmp_path):
+    """EMO Decode + Save Video, for videos whose frames would not fit in memory at once: the sampler does not
+    refuse a video that goes only to it, it decodes `frames_per_batch` frames at a time into the mp4 (the same
+    frames as VAE Decode's), and Cancel stops it between batches with the frames written so far playable."""
+    root = comfy_root(tmp_path_factory, whole=True)
+    (tmp_path / "packages").mkdir()
+    os.symlink(REPO, tmp_path / "packages" / "comfyui_emo")
+    run = subprocess.run([sys.executable, "-c", STREAM_SCRIPT, str(tmp_path / "packages"), str(tmp_path)], cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["frames"] == 25  # not refused with too little memory for 25 decoded frames
+    assert result["streamed"] == [4, 4, 4, 4, 4, 4, 1]  # never more than frames_per_batch decoded at once
+    assert result["written"] == 25 and result["audio"] == ["aac"]
+    # the frames of VAE Decode -> EMO Video Combine: decoded alike, and the same video (0..255 pixel scale)
+    assert result["image_error"] < 1e-4 and result["video_error"] < 0.1 * result["moving"], result
+    assert result["interrupted"] and result["stopped_batches"] == [4, 4, 4]  # stopped before a 4th batch
+    assert result["kept"] == 12  # the frames written before Cancel, a playable video
+    assert "takes image latents" in result["bad"], result["bad"]
+    assert result["only_streamed"] == [False, True]  # VAE Decode beside it still needs every frame in memory
