@@ -308,6 +308,25 @@ def test_main_command_animates_the_face_of_any_portrait_size(tmp_path):
     assert np.abs(first[100:150, 200:250] - original[100:150, 200:250]).mean() > 0.05  # the face: generated
 
 
+def test_portraits_that_make_a_poor_video_are_warned_about(capsys):
+    from argparse import Namespace
+
+    from emo_core.cli import warn_about_framing
+    from emo_core.face import Crop
+
+    plain = Namespace(image="p.png", face_mask=None, face_detector=None)
+    warn_about_framing(Crop(100, 100, 200.0, 512, 200, 200), torch.zeros(1, 3, 200, 200), 512, plain)
+    said = capsys.readouterr().err
+    assert "200 px wide, enlarged 2.6x to the model's 512 px" in said and "centre square" not in said
+    warn_about_framing(Crop(450, 150, 300.0, 64, 300, 900), torch.zeros(1, 3, 300, 900), 64, plain)
+    said = capsys.readouterr().err
+    assert "p.png is 900x300 and no --face-detector" in said and "enlarged" not in said
+    found = Namespace(image="p.png", face_mask=None, face_detector="yunet_final.pth")  # the face is framed
+    warn_about_framing(Crop(450, 150, 300.0, 512, 300, 900), torch.zeros(1, 3, 300, 900), 512, found)
+    warn_about_framing(Crop(100, 80, 160.0, 64, 160, 200), torch.zeros(1, 3, 160, 200), 64, plain)
+    assert capsys.readouterr().err == ""  # a region near the model's size, an almost square image
+
+
 def test_main_command_without_a_face(tmp_path):
     from PIL import Image
 
