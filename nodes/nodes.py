@@ -268,15 +268,26 @@ class EMOSampler(io.ComfyNode):
         return io.NodeOutput({"samples": latents})
 
 
+def takers(prompt: dict, node_id: str) -> list[str]:
+    """The ids of the nodes of an API prompt that take an output of node `node_id`."""
+    return [taker for taker, node in prompt.items()
+            if any(isinstance(value, list) and len(value) == 2 and str(value[0]) == str(node_id)
+                   for value in node.get("inputs", {}).values())]
+
+
 def streamed_only(prompt: dict | None, node_id: str | None) -> bool:
-    """Whether every node that takes this node's outputs is EMO Decode + Save Video, which never holds the whole
-    decoded video (then the sampler need not check that it fits in memory)."""
+    """Whether the latents of this node only ever reach the mp4 a few frames at a time: every node that takes them
+    is EMO Decode + Save Video, and its video goes nowhere or to core Save Video (which copies the file's streams;
+    Get Video Components, say, would decode every frame again). Then the sampler need not check that the decoded
+    video fits in memory. (A sampler output ComfyUI cached from such a run is not checked again when a VAE Decode
+    is added later: that decode can run out of memory, but no sampling is lost.)"""
     if not prompt or node_id is None:
         return False
-    takers = [node["class_type"] for node in prompt.values()
-              if any(isinstance(value, list) and len(value) == 2 and str(value[0]) == str(node_id)
-                     for value in node.get("inputs", {}).values())]
-    return bool(takers) and all(taker == "EMODecodeSaveVideo" for taker in takers)
+    streamers = takers(prompt, node_id)
+    return bool(streamers) and all(
+        prompt[streamer]["class_type"] == "EMODecodeSaveVideo"
+        and all(prompt[taker]["class_type"] == "SaveVideo" for taker in takers(prompt, streamer))
+        for streamer in streamers)
 
 
 def save_path(filename_prefix: str, width: int, height: int) -> tuple[str, str, str]:
@@ -360,10 +371,11 @@ class EMODecodeSaveVideo(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, vae, fps, filename_prefix, crf, frames_per_batch, audio=None) -> io.NodeOutput:
-        from .runtime import decode_video
+        from .runtime import check_latents, decode_video
 
         samples = latent["samples"]
-        scale = getattr(vae, "downscale_ratio", 8)
+        check_latents(samples, vae)  # before a file or folder is made
+        scale = vae.spacial_compression_decode() if hasattr(vae, "spacial_compression_decode") else 8
         scale = scale if isinstance(scale, int) else 8
         path, file, subfolder = save_path(filename_prefix, samples.shape[-1] * scale, samples.shape[-2] * scale)
         decode_video(path, samples, vae, fps, audio, crf, workflow_metadata(cls.hidden), frames_per_batch)

@@ -249,7 +249,10 @@ def sample(emo_model: EMOModel, reference: EMOReference, emo_audio: EMOAudio, fa
     # core VAE Decode will hold every frame as a float32 IMAGE: refuse now what would fail after the whole run
     decoded = emo_audio.frames * reference.height * reference.width * 3 * 4
     free = mm.get_free_memory(mm.intermediate_device())
-    if decoded_whole and decoded > free:
+    if not decoded_whole:
+        log.info("EMO: the latents go only to EMO Decode + Save Video, which decodes a few frames at a time: not "
+                 "checked against the free memory")
+    elif decoded > free:
         raise EMOInputError(f"{emo_audio.frames} frames of {reference.width}x{reference.height} decode to "
                             f"{decoded / 2**30:.1f} GB of IMAGE (VAE Decode holds every frame as float32), and "
                             f"{free / 2**30:.1f} GB of memory is free: connect the sampler's latent to EMO Decode + "
@@ -307,14 +310,21 @@ def decode_video(path: str, latents: torch.Tensor, vae, fps: float, audio, crf: 
                  batch: int) -> None:
     """LATENT samples (frames, 4, h, w) + AUDIO -> mp4, decoded by core VAE `batch` frames at a time straight
     into the file: memory holds one batch of frames, not the whole video as VAE Decode's IMAGE does."""
+    check_latents(latents, vae)
+    batches = (vae.decode(latents[start:start + batch]) for start in range(0, latents.shape[0], batch))
+    _write(path, batches, latents.shape[0], fps, audio, crf, metadata, "EMO Decode + Save Video")
+
+
+def check_latents(latents: torch.Tensor, vae) -> None:
+    """What EMO Decode + Save Video can decode: image latents of at least one frame, with the VAE's channels."""
     if latents.ndim != 4:
         raise EMOInputError(f"EMO Decode + Save Video takes image latents (frames, channels, height, width), as EMO's "
                             f"sampler makes; got shape {tuple(latents.shape)}: use VAE Decode for other latents")
+    if latents.shape[0] == 0:
+        raise EMOInputError("the latent holds no frames: nothing to decode")
     if latents.shape[1] != getattr(vae, "latent_channels", latents.shape[1]):
         raise EMOInputError(f"the latents have {latents.shape[1]} channels, this VAE decodes {vae.latent_channels}: "
                             f"connect the VAE the EMO model works with (Load EMO's vae for the demo model)")
-    batches = (vae.decode(latents[start:start + batch]) for start in range(0, latents.shape[0], batch))
-    _write(path, batches, latents.shape[0], fps, audio, crf, metadata, "EMO Decode + Save Video")
 
 
 def _write(path: str, batches, frames: int, fps: float, audio, crf: int, metadata: dict, node: str) -> None:
@@ -333,10 +343,9 @@ def _write(path: str, batches, frames: int, fps: float, audio, crf: int, metadat
         try:
             for images in batches:
                 writer.write(images)
-                pbar.update_absolute(writer.frames, frames)
-                if writer.frames < frames:
-                    mm.throw_exception_if_processing_interrupted()
-        except mm.InterruptProcessingException:
-            if writer.frames:
+                pbar.update_absolute(writer.frames, frames)  # in a server, its progress hook raises on Cancel
+                mm.throw_exception_if_processing_interrupted()
+        except BaseException:
+            if writer.frames:  # the writer closes the file as a playable video of them
                 log.warning("%s: stopped after %d of %d frames; %s holds them", node, writer.frames, frames, path)
             raise
