@@ -64,6 +64,10 @@ def encode_reference(codec: LatentCodec, image: torch.Tensor) -> torch.Tensor:
                             f"crop or resize it (e.g. to {width // 8 * 8}x{height // 8 * 8})")
     if height < 64 or width < 64:
         raise EMOInputError(f"reference image is {width}x{height}: at least 64x64 is needed")
+    if float((image.amax((-2, -1)) - image.amin((-2, -1))).max()) < 4 / 255:  # 2 steps of 8-bit ([-1, 1] spans 2)
+        raise EMOInputError("reference image is one flat colour: there is no face to animate (the model would make "
+                            "a video of noise); give a portrait, and check that the nodes or crop before it did not "
+                            "blank it")
     return codec.encode(image)
 
 

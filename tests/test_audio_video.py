@@ -332,7 +332,8 @@ def test_main_command_without_a_face(tmp_path):
 
     from .conftest import face_fixture_dir
 
-    Image.new("RGB", (200, 160), (120, 130, 140)).save(tmp_path / "wall.png")
+    wall = np.linspace(90, 170, 200 * 160).reshape(160, 200, 1).repeat(3, axis=2).astype(np.uint8)  # shaded
+    Image.fromarray(wall).save(tmp_path / "wall.png")
     args = [sys.executable, "-m", "emo_core", "generate", "--image", str(tmp_path / "wall.png"), "--face-detector",
             str(face_fixture_dir() / "yunet_final.pth"), "--out", str(tmp_path / "x.mp4"), "--steps", "1"]
     run = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -349,6 +350,11 @@ def test_main_command_without_a_face(tmp_path):
     run = subprocess.run(args + ["--face-mask", str(tmp_path / "empty.png")], cwd=REPO, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode != 0 and "is empty" in run.stderr and "Traceback" not in run.stderr
+    Image.new("RGB", (200, 160), (120, 130, 140)).save(tmp_path / "flat.png")  # a blank picture: nothing to animate
+    flat = [str(tmp_path / "flat.png") if arg == str(tmp_path / "wall.png") else arg for arg in args]
+    run = subprocess.run(flat + ["--whole-image-fallback"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0 and "one flat colour" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "x.mp4").exists() or (tmp_path / "x.mp4").stat().st_size > 1000  # no video of noise
 
 
 @pytest.mark.parametrize("native", [60, 24])

@@ -259,6 +259,11 @@ def test_bad_inputs_have_clear_errors(emo):
             run(emo, base, **settings)
     with pytest.raises(EMOInputError, match="multiples of 8"):
         encode_reference(PixelCodec(), torch.zeros(1, 3, 100, 128))
+    with pytest.raises(EMOInputError, match="one flat colour: there is no face"):  # e.g. a blanked image
+        encode_reference(PixelCodec(), torch.tensor([0.3, 0.5, -0.2]).view(1, 3, 1, 1).expand(1, 3, 64, 64))
+    faint = torch.full((1, 3, 64, 64), 0.3)
+    faint[..., 20:40, 20:40] += 6 / 255  # a faint picture (3 steps of 8-bit colour) is still a picture
+    assert encode_reference(PixelCodec(), faint).shape[0] == 1
 
 
 def test_audio_shorter_than_a_clip_and_one_mask_per_kept_frame(emo):
