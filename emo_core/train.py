@@ -502,6 +502,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
     run_file = out / "run.json"
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if not accelerator.is_main_process:  # one report of the run, not one per process
+        log = lambda message: None  # noqa: E731
     set_seed(cfg.seed)
     vae = load_vae_folder(cfg.vae).eval().requires_grad_(False)
     vae.to(accelerator.device)
@@ -558,6 +560,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
         log(f"[train] resumed {out} at step {step}")
     elif resume:
         log(f"[train] --resume: {out} was stopped before its first save; starting it from step 0")
+    accelerator.wait_for_everyone()  # every process has checked the folder before the first one writes to it
     if latest is None and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(run, indent=1))
@@ -573,7 +576,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters on {accelerator.device} "
         f"({accelerator.num_processes} process(es)); {cfg.steps} steps of {per_step} samples")
 
-    generator = torch.Generator(device="cpu").manual_seed(cfg.seed + step)
+    # noise and timesteps: each process its own (one process: the seed alone, as before)
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed + step + 10**8 * accelerator.process_index)
     train_steps = model.cfg.scheduler["num_train_timesteps"]
     started = time.perf_counter()
     deadline = started + max_minutes * 60 if max_minutes else None
@@ -614,9 +618,12 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
                 losses.flush(step, lr_scheduler.get_last_lr()[0])
             if step % cfg.save_every == 0:
                 _save(accelerator, step_fn, checkpoints, step, out, cfg.stage)
-            if deadline and time.perf_counter() > deadline:
-                stopped = f"time limit of {max_minutes} minutes reached"
-                break
+            if deadline:  # every process stops at the same step, as soon as one of them reaches the limit
+                if time.perf_counter() > deadline:
+                    accelerator.set_trigger()
+                if accelerator.check_trigger():
+                    stopped = f"time limit of {max_minutes} minutes reached"
+                    break
     except KeyboardInterrupt:
         stopped = "interrupted"
     except Exception:

@@ -4,6 +4,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from emo_core.train import (ClipSamples, TrainConfig, TrainingStep, _pixels, bun
 from emo_core.train import main as train_main  # the command line: python -m emo_core train ...
 from emo_core.video import VideoWriter
 
-from .conftest import face_fixture_dir
+from .conftest import REPO, face_fixture_dir
 
 SIZE = 64
 
@@ -482,6 +484,34 @@ def test_ctrl_c_saves_the_steps_done_and_the_command_fails(workdir, monkeypatch)
     lines = []
     train(cfg, resume=True, log=lines.append)
     assert any("resumed" in line and "at step 2" in line for line in lines)
+
+
+def test_two_processes_train_one_run_and_resume_it(workdir):
+    """Training in several processes, as `accelerate launch` or torchrun starts it on GPUs (here 2 CPU processes
+    talking over gloo): every process checks the output folder before the first writes to it (the second one used
+    to find the first one's run.json and stop), one report, the steps shared; then a resume in 2 processes."""
+    root, _ = workdir
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+    def launch(steps):
+        _config(root, 1, "two-processes", steps=steps)  # (the config file is root/two-processes.json)
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "emo_core", "train",
+                   str(root / "two-processes.json")]
+        return subprocess.run(command + (["--resume"] if steps > 4 else []), cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    run = launch(4)
+    assert run.returncode == 0, run.stderr[-3000:]
+    said = run.stdout + run.stderr
+    assert said.count("(2 process(es)); 4 steps of 4 samples") == 1 and said.count("4/4 steps in") == 1, said[-3000:]
+    out = root / "two-processes"
+    assert len((out / "log.csv").read_text().splitlines()) == 1 + 4
+    assert read_metadata(out / "model.safetensors")["step"] == "4" and load_model(out / "model.safetensors")
+    run = launch(6)
+    assert run.returncode == 0, run.stderr[-3000:]
+    said = run.stdout + run.stderr
+    assert said.count(f"resumed {out} at step 4") == 1 and said.count("6/6 steps in") == 1, said[-3000:]
+    assert len((out / "log.csv").read_text().splitlines()) == 1 + 6
 
 
 def test_resume_continues_and_mismatches_are_refused(workdir):
