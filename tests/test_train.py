@@ -486,6 +486,31 @@ def test_ctrl_c_saves_the_steps_done_and_the_command_fails(workdir, monkeypatch)
     assert any("resumed" in line and "at step 2" in line for line in lines)
 
 
+def test_gradient_checkpointing_recomputes_the_layers_and_trains_the_same(workdir, monkeypatch):
+    """`gradient_checkpointing` (training memory): the layers of all stages (ResNets, transformers, temporal and
+    audio layers) go through torch's checkpoint, and the trained weights are those of a run without it."""
+    import emo_core.models.unet as unet
+
+    root, _ = workdir
+    start = train(_config(root, 1, "checkpointing-stage1", steps=1), log=lambda m: None)
+    recomputed = []
+    plain_checkpoint = unet.checkpoint
+
+    def counted(module, *args, **kwargs):
+        recomputed.append(type(module).__name__)
+        return plain_checkpoint(module, *args, **kwargs)
+
+    monkeypatch.setattr(unet, "checkpoint", counted)
+    runs = {}
+    for on in (False, True):
+        runs[on] = _snapshot(train(_config(root, 2, f"checkpointing-{on}", init=f"checkpoint:{start}", steps=2,
+                                           gradient_checkpointing=on), log=lambda m: None))
+        assert bool(recomputed) == on
+    assert {"ResnetBlock", "SpatialTransformer", "MotionModule", "EMOAudioAttention"} <= set(recomputed)
+    assert runs[True].keys() == runs[False].keys()
+    assert all(torch.allclose(runs[True][k], runs[False][k], atol=1e-6) for k in runs[False])
+
+
 def test_two_processes_train_one_run_and_resume_it(workdir):
     """Training in several processes, as `accelerate launch` or torchrun starts it on GPUs (here 2 CPU processes
     talking over gloo): every process checks the output folder before the first writes to it (the second one used
