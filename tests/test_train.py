@@ -511,6 +511,20 @@ def test_gradient_checkpointing_recomputes_the_layers_and_trains_the_same(workdi
     assert all(torch.allclose(runs[True][k], runs[False][k], atol=1e-6) for k in runs[False])
 
 
+def test_mixed_precision_runs_the_step_in_bf16(workdir):
+    """`mixed_precision: "bf16"` (accelerate's autocast; a command of its own, as accelerate sets it once per
+    process): the same first step as in fp32, computed in bf16."""
+    root, _ = workdir
+    train(_config(root, 1, "precision-fp32", steps=1), log=lambda m: None)
+    _config(root, 1, "precision-bf16", steps=1, mixed_precision="bf16")
+    run = subprocess.run([sys.executable, "-m", "emo_core", "train", str(root / "precision-bf16.json")], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    first = {name: float((root / f"precision-{name}" / "log.csv").read_text().splitlines()[1].split(",")[1])
+             for name in ("fp32", "bf16")}
+    assert first["bf16"] != first["fp32"] and abs(first["bf16"] - first["fp32"]) < 0.02 * first["fp32"], first
+
+
 def test_two_processes_train_one_run_and_resume_it(workdir):
     """Training in several processes, as `accelerate launch` or torchrun starts it on GPUs (here 2 CPU processes
     talking over gloo): every process checks the output folder before the first writes to it (the second one used
