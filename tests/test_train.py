@@ -511,6 +511,20 @@ def test_gradient_checkpointing_recomputes_the_layers_and_trains_the_same(workdi
     assert all(torch.allclose(runs[True][k], runs[False][k], atol=1e-6) for k in runs[False])
 
 
+def test_gradient_accumulation_steps_once_per_accumulated_batches(workdir, monkeypatch):
+    """`gradient_accumulation: 2` with batches of 1: each logged step is one optimizer step over 2 samples."""
+    root, _ = workdir
+    drawn = []
+    plain_item = ClipSamples.__getitem__
+    monkeypatch.setattr(ClipSamples, "__getitem__", lambda self, i: drawn.append(i) or plain_item(self, i))
+    out = train(_config(root, 1, "accumulation", steps=2, batch_size=1, gradient_accumulation=2),
+                log=lambda m: None).parent
+    optimizer = torch.load(out / "checkpoints" / "step_0000002" / "optimizer.bin", weights_only=True)
+    assert {float(state["step"]) for state in optimizer["state"].values()} == {2.0}  # not 4: one per 2 batches
+    rows = [line.split(",") for line in (out / "log.csv").read_text().splitlines()[1:]]
+    assert [row[0] for row in rows] == ["1", "2"] and len(drawn) == 4  # 2 steps of 2 samples
+
+
 def test_mixed_precision_runs_the_step_in_bf16(workdir):
     """`mixed_precision: "bf16"` (accelerate's autocast; a command of its own, as accelerate sets it once per
     process): the same first step as in fp32, computed in bf16."""
