@@ -142,18 +142,18 @@ def frame_portrait(original: torch.Tensor, size: int, args):
     return crop, crop_image(original, crop), mask, face
 
 
-def warn_about_framing(crop, original: torch.Tensor, size: int, args) -> None:
+def warn_about_framing(crop, face, size: int, args) -> None:
     """Portraits that make a poor video without an error: a face region far smaller than the model's size (blurred
-    by the enlargement), or a wide or tall image centre-cropped with no detector or mask to find the face."""
-    height, width = original.shape[-2:]
+    by the enlargement), or a wide or tall image centre-cropped because its face was not located."""
     if crop.side * 2 < size:
         print(f"[emo] warning: the region of {Path(args.image).name} the model animates is {crop.side:.0f} px wide, "
               f"enlarged {size / crop.side:.1f}x to the model's {size} px: expect a blurry video; use a larger "
               f"portrait", file=sys.stderr)
-    if not (args.face_mask or args.face_detector) and max(height, width) > 1.5 * min(height, width):
-        print(f"[emo] warning: {Path(args.image).name} is {width}x{height} and no --face-detector or --face-mask was "
-              f"given: the model animates its centre square and assumes the face in the middle of it; give "
-              f"--face-detector yunet_final.pth (or a --face-mask) to frame the face", file=sys.stderr)
+    if face is None and not args.face_mask and max(crop.height, crop.width) > 1.5 * min(crop.height, crop.width):
+        print(f"[emo] warning: {Path(args.image).name} is {crop.width}x{crop.height} and its face was not located "
+              f"(no --face-detector, or none found): the model animates its centre square and assumes the face in "
+              f"the middle of it; give --face-detector yunet_final.pth (or a --face-mask) to frame the face",
+              file=sys.stderr)
 
 
 def portrait_identity(args, portrait: torch.Tensor, face):
@@ -237,7 +237,7 @@ def run_generate(args) -> Path:
     check_speech(waveform, fps)
     features, audio_length = encoder(waveform.to(encoder.model.device), fps=fps, clip_length=cfg.frames_per_clip)
     crop, portrait, mask, face = frame_portrait(original, size, args)
-    warn_about_framing(crop, original, size, args)
+    warn_about_framing(crop, face, size, args)
     image = (portrait * 2 - 1).to(device=device, dtype=dtype)
     identity = portrait_identity(args, portrait, face) if cfg.identity_tokens else None
     if face is None and identity is not None:

@@ -26,7 +26,9 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,7 +278,9 @@ class LatentCache:
 
     With `path` (a file named after the VAE's weights and scale: `file_for`), the latents are also kept on disk,
     so that the stages of a run encode the frames once: `save` writes the file, and a stored video's latents are
-    used only while a hash of its frames still matches (a video prepared again is encoded again)."""
+    used only while a hash of its frames still matches (a video prepared again is encoded again). With several
+    processes each holds its own cache (memory per process) and the main one saves what it encoded: videos only
+    the others drew are encoded again by the next stage."""
 
     def __init__(self, vae, data: PreparedDataset, scale: float, path: Path | None = None):
         self.vae, self.data, self.scale, self.path = vae, data, scale, path
@@ -503,7 +507,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if not accelerator.is_main_process:  # one report of the run, not one per process
-        log = lambda message: None  # noqa: E731
+        def log(message):
+            pass
     set_seed(cfg.seed)
     vae = load_vae_folder(cfg.vae).eval().requires_grad_(False)
     vae.to(accelerator.device)
@@ -546,7 +551,9 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
     count = sum(p.numel() for p in params)
     step_fn = TrainingStep(model, cfg.stage).train()
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps)
+    # accelerate steps a prepared scheduler once per process for each optimizer step: warmup_steps stays in steps
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
+                                 num_warmup_steps=cfg.warmup_steps * accelerator.num_processes)
     per_step = cfg.batch_size * cfg.gradient_accumulation * accelerator.num_processes
     samples = ClipSamples(data, cfg.stage, model.cfg, cfg.face_expand, cfg.first_clip_prob, cfg.uncond_prob,
                           cfg.seed, length=cfg.steps * per_step)
@@ -585,6 +592,11 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
                dynamic_ncols=True, mininterval=1.0)
     losses = LossLog(out / "log.csv", cfg.batch_size * accelerator.num_processes, bar, accelerator.is_main_process)
     stopped = None
+    # With several processes Ctrl-C only sets a flag, and all stop together after the step (a KeyboardInterrupt
+    # would catch each process in another place, some inside a collective, and none could save)
+    several, interrupted = accelerator.num_processes > 1, threading.Event()
+    if several and threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:
         for batch in loader:
             if step >= cfg.steps:
@@ -609,7 +621,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            losses.add(loss)
+            losses.add(accelerator.reduce(loss.detach(), "mean"))  # the mean over the processes
             if not accelerator.sync_gradients:
                 continue
             step += 1
@@ -618,12 +630,16 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
                 losses.flush(step, lr_scheduler.get_last_lr()[0])
             if step % cfg.save_every == 0:
                 _save(accelerator, step_fn, checkpoints, step, out, cfg.stage)
-            if deadline:  # every process stops at the same step, as soon as one of them reaches the limit
-                if time.perf_counter() > deadline:
-                    accelerator.set_trigger()
-                if accelerator.check_trigger():
-                    stopped = f"time limit of {max_minutes} minutes reached"
-                    break
+            # a stop (the time limit; Ctrl-C with several processes) happens at the same step in every process
+            if deadline and time.perf_counter() > deadline and step < cfg.steps:
+                stopped = f"time limit of {max_minutes} minutes reached"
+                accelerator.set_trigger()
+            if interrupted.is_set():
+                stopped = "interrupted"
+                accelerator.set_trigger()
+            if (deadline or several) and accelerator.check_trigger():
+                stopped = stopped or "stopped by another process"
+                break
     except KeyboardInterrupt:
         stopped = "interrupted"
     except Exception:
@@ -638,6 +654,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
         raise
     finally:
         bar.close()
+        if several and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous_handler)
     _save(accelerator, step_fn, checkpoints, step, out, cfg.stage)
     if cache is not None and accelerator.is_main_process:
         problem = cache.save()
@@ -660,8 +678,10 @@ def _latest_checkpoint(folder: Path) -> Path | None:
 def _save(accelerator, step_fn, checkpoints: Path, step: int, out: Path, stage: int):
     accelerator.wait_for_everyone()
     folder = checkpoints / f"step_{step:07d}"
-    if (folder / "step.json").is_file():  # saved at this step already (the run ends where it last saved): never
-        return                              # write over a complete checkpoint, which a second Ctrl-C would break
+    done = (folder / "step.json").is_file()  # saved at this step already (the run ends where it last saved)
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes step.json
+    if done:  # never write over a complete checkpoint, which a second Ctrl-C would break
+        return
     accelerator.save_state(str(folder))
     give_ordinary_mode(*folder.glob("*.safetensors"))  # accelerate writes them with safetensors too
     if accelerator.is_main_process:

@@ -309,8 +309,8 @@ def write_video(path: str, images: torch.Tensor, fps: float, audio, crf: int, me
 def decode_video(path: str, latents: torch.Tensor, vae, fps: float, audio, crf: int, metadata: dict,
                  batch: int) -> None:
     """LATENT samples (frames, 4, h, w) + AUDIO -> mp4, decoded by core VAE `batch` frames at a time straight
-    into the file: memory holds one batch of frames, not the whole video as VAE Decode's IMAGE does."""
-    check_latents(latents, vae)
+    into the file: memory holds one batch of frames, not the whole video as VAE Decode's IMAGE does. The latents
+    are those check_latents accepts."""
     batches = (vae.decode(latents[start:start + batch]) for start in range(0, latents.shape[0], batch))
     _write(path, batches, latents.shape[0], fps, audio, crf, metadata, "EMO Decode + Save Video")
 

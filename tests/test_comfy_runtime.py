@@ -164,7 +164,7 @@ with av.open(out + "/whole.mp4") as c:
     audio_streams = [s.codec_context.name for s in c.streams.audio]
 streamed_pixels, kept = pixels("/whole.mp4"), pixels("/stopped.mp4").shape[0]
 try:
-    runtime.decode_video(out + "/bad.mp4", latents[None], vae, 25.0, None, 18, {}, 4)
+    runtime.check_latents(latents[None], vae)
     bad = None
 except Exception as e:
     bad = str(e)

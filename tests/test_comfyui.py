@@ -110,7 +110,7 @@ def test_long_audio_many_clips(server):
     assert info["frames"] == 50 and abs(info["duration"] - 2.0) < 0.1  # 7 clips of 8 frames
     # the sampler sees (ComfyUI's hidden prompt) that EMO Decode + Save Video alone takes its latents
     assert "the latents go only to EMO Decode + Save Video" in server.log.read_text()
-    # Video Combine takes Encode Audio's fps through the template's link: one setting keeps them in sync
+    # EMO Decode + Save Video takes Encode Audio's fps through the template's link: one setting keeps them in sync
     info = probe(output_video(server, server.run(workflow("long_audio.json", {("9", "steps"): 2, ("8", "fps"): 12.5}))))
     assert info["frames"] == 25 and info["fps"] == 12.5 and abs(info["duration"] - 2.0) < 0.1
     assert "the audio lasts" not in server.log.read_text()

@@ -4,10 +4,13 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from safetensors import safe_open
@@ -539,32 +542,58 @@ def test_mixed_precision_runs_the_step_in_bf16(workdir):
     assert first["bf16"] != first["fp32"] and abs(first["bf16"] - first["fp32"]) < 0.02 * first["fp32"], first
 
 
-def test_two_processes_train_one_run_and_resume_it(workdir):
+def test_two_processes_train_one_run_resume_it_and_stop_together(workdir):
     """Training in several processes, as `accelerate launch` or torchrun starts it on GPUs (here 2 CPU processes
     talking over gloo): every process checks the output folder before the first writes to it (the second one used
-    to find the first one's run.json and stop), one report, the steps shared; then a resume in 2 processes."""
+    to find the first one's run.json and stop), one report, the steps shared, the warmup counted in steps (it ran
+    twice as fast), a resume; and a time limit or Ctrl-C stops both processes at the same step, saved."""
     root, _ = workdir
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
-    def launch(steps):
-        _config(root, 1, "two-processes", steps=steps)  # (the config file is root/two-processes.json)
+    def launch(name, steps, *options, wait=True):
+        _config(root, 1, name, steps=steps, warmup_steps=4)  # (the config file is root/NAME.json)
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "emo_core", "train",
-                   str(root / "two-processes.json")]
-        return subprocess.run(command + (["--resume"] if steps > 4 else []), cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=600)
+                   str(root / f"{name}.json"), *options]
+        if not wait:
+            return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+        run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        return run.returncode, run.stdout + run.stderr
 
-    run = launch(4)
-    assert run.returncode == 0, run.stderr[-3000:]
-    said = run.stdout + run.stderr
+    def rows(name):
+        return [line.split(",") for line in (root / name / "log.csv").read_text().splitlines()[1:]]
+
+    code, said = launch("two-processes", 4)
+    assert code == 0, said[-3000:]
     assert said.count("(2 process(es)); 4 steps of 4 samples") == 1 and said.count("4/4 steps in") == 1, said[-3000:]
     out = root / "two-processes"
-    assert len((out / "log.csv").read_text().splitlines()) == 1 + 4
+    assert [float(row[2]) for row in rows("two-processes")] == [2.5e-4, 5e-4, 7.5e-4, 1e-3]  # 4 steps of warmup
     assert read_metadata(out / "model.safetensors")["step"] == "4" and load_model(out / "model.safetensors")
-    run = launch(6)
-    assert run.returncode == 0, run.stderr[-3000:]
-    said = run.stdout + run.stderr
+    code, said = launch("two-processes", 6, "--resume")
+    assert code == 0, said[-3000:]
     assert said.count(f"resumed {out} at step 4") == 1 and said.count("6/6 steps in") == 1, said[-3000:]
-    assert len((out / "log.csv").read_text().splitlines()) == 1 + 6
+    assert len(rows("two-processes")) == 6
+
+    code, said = launch("two-processes-limited", 10**5, "--max-minutes", "0.001")
+    assert code == 0 and said.count("(time limit of 0.001 minutes reached; --resume continues)") == 1, said[-3000:]
+    run = launch("two-processes-stopped", 10**5, wait=False)
+    try:
+        deadline = time.time() + 300
+        while not (root / "two-processes-stopped" / "log.csv").is_file() or len(rows("two-processes-stopped")) < 2:
+            assert run.poll() is None and time.time() < deadline, run.communicate()[0][-3000:]
+            time.sleep(0.2)
+        # Ctrl-C where only one process gets it (the launcher of one machine of several): the other process used to
+        # wait for it in the next step's gradient exchange while it waited in the save, until killed, unsaved
+        os.kill(psutil.Process(run.pid).children()[-1].pid, signal.SIGINT)
+        said = run.communicate(timeout=120)[0]
+    finally:
+        if run.poll() is None:  # a hang: nothing may outlive the test
+            for process in psutil.Process(run.pid).children(recursive=True) + [psutil.Process(run.pid)]:
+                process.kill()
+    assert run.returncode != 0 and said.count("; --resume continues)") == 1, said[-3000:]
+    saved = [p for p in (root / "two-processes-stopped" / "checkpoints").glob("step_*") if (p / "step.json").is_file()]
+    assert saved and {p.name for p in saved[-1].glob("random_states_*.pkl")} == {"random_states_0.pkl",
+                                                                                 "random_states_1.pkl"}
 
 
 def test_resume_continues_and_mismatches_are_refused(workdir):
