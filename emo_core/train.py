@@ -595,7 +595,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
     # With several processes Ctrl-C only sets a flag, and all stop together after the step (a KeyboardInterrupt
     # would catch each process in another place, some inside a collective, and none could save)
     several, interrupted = accelerator.num_processes > 1, threading.Event()
-    if several and threading.current_thread() is threading.main_thread():
+    catch_sigint = several and threading.current_thread() is threading.main_thread()  # (only there can it)
+    if catch_sigint:
         previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:
         for batch in loader:
@@ -654,7 +655,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_minutes: float | None = No
         raise
     finally:
         bar.close()
-        if several and threading.current_thread() is threading.main_thread():
+        if catch_sigint:
             signal.signal(signal.SIGINT, previous_handler)
     _save(accelerator, step_fn, checkpoints, step, out, cfg.stage)
     if cache is not None and accelerator.is_main_process:
